@@ -1,0 +1,30 @@
+"""Limiter storages behind one interface (``base.Backend``); ``build_backend`` picks one."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import Backend
+
+if TYPE_CHECKING:
+    from ..config import MemoryBackendConfig, RedisBackendConfig
+
+
+def build_backend(cfg: MemoryBackendConfig | RedisBackendConfig) -> Backend:
+    if cfg.type == "memory":
+        from .memory import MemoryBackend
+
+        return MemoryBackend()
+    from .redis import RedisBackend, RedisSettings
+
+    sentinels = tuple((h, int(p)) for h, _, p in (s.rpartition(":") for s in cfg.sentinels))
+    return RedisBackend.from_settings(
+        RedisSettings(
+            url=cfg.url,
+            cluster=cfg.cluster,
+            sentinels=sentinels,
+            service_name=cfg.service_name,
+            timeout_ms=cfg.timeout_ms,
+            key_prefix=cfg.key_prefix,
+        )
+    )

@@ -1,0 +1,169 @@
+"""Command line: serve, mock-upstream, check-config, hash-key."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import Config, ConfigError, HttpUpstream, MockUpstream, hash_key, load_config
+
+_CONFIG_ENV = "PROXY_CONFIG_FILE"
+
+
+def _loop() -> str:
+    if sys.platform == "win32":
+        try:
+            import winloop  # noqa: F401
+        except ImportError:
+            return "asyncio"
+        return "winloop:new_event_loop"
+    return "auto"  # uvloop when installed
+
+
+def app_factory():  # called by uvicorn in every worker
+    from .app import create_app
+
+    return create_app(load_config(os.environ[_CONFIG_ENV]))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.workers > 1 and cfg.backend.type == "memory":
+        print(
+            "error: the memory backend lives inside one process; with --workers "
+            f"{args.workers} every worker would enforce its own copy of each limit "
+            f"({args.workers}x the configured rate). Use --workers 1, or backend type redis.",
+            file=sys.stderr,
+        )
+        return 2
+    import uvicorn
+
+    os.environ[_CONFIG_ENV] = os.path.abspath(args.config)
+    logging.basicConfig(level=cfg.logging.level.upper(), format="%(message)s")
+    uvicorn.run(
+        "proxy.cli:app_factory",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers if args.workers > 1 else None,
+        loop=_loop(),
+        http="auto",
+        lifespan="on",
+        access_log=False,
+        log_level=cfg.logging.level,
+        timeout_graceful_shutdown=cfg.shutdown_grace_s,
+        server_header=False,
+    )
+    return 0
+
+
+def _mock(args: argparse.Namespace) -> int:
+    from .mock import MockSettings, mock_main
+
+    mock_main(
+        args.host,
+        args.port,
+        MockSettings(
+            latency_ms=args.latency_ms,
+            tokens_per_second=args.tokens_per_second,
+            chunk_tokens=args.chunk_tokens,
+            log_path=args.log,
+        ),
+    )
+    return 0
+
+
+def summary(cfg: Config, source: str) -> str:
+    def lim(limits) -> str:
+        parts = [
+            f"{name} {v}" if v is not None else f"{name} unlimited"
+            for name, v in (
+                ("rpm", limits.rpm),
+                ("input_tpm", limits.input_tpm),
+                ("output_tpm", limits.output_tpm),
+            )
+        ]
+        return ", ".join(parts)
+
+    lines = [f"{source}: OK", f"backend: {cfg.backend.type}"]
+    if cfg.backend.type == "redis":
+        b = cfg.backend
+        form = "cluster" if b.cluster else "sentinel" if b.sentinels else "single"
+        lines[-1] += f" ({form}, outage policy {b.outage_policy}, timeout {b.timeout_ms} ms)"
+    lines.append(
+        f"window: {cfg.window_s:g} s; output reservation default: "
+        f"{cfg.output_reservation_default} tokens"
+    )
+    lines.append("upstreams:")
+    for name, up in cfg.upstreams.items():
+        mark = " (default)" if name == cfg.default_upstream else ""
+        if isinstance(up, MockUpstream):
+            lines.append(f"  {name}: built-in mock{mark}")
+        elif isinstance(up, HttpUpstream):
+            key = f", key from ${up.api_key_env}" if up.api_key_env else ", no key"
+            lines.append(f"  {name}: {up.base_url}{key}{mark}")
+    if cfg.routes:
+        lines.append("routes:")
+        lines.extend(f"  {pattern} -> {name}" for pattern, name in cfg.routes.items())
+    lines.append(f"keys ({len(cfg.keys)}):")
+    for k in cfg.keys:
+        lines.append(f"  {k.name}: {lim(k.limits)}")
+        for model, ml in k.models.items():
+            lines.append(f"    model {model}: {lim(ml)}")
+    return "\n".join(lines)
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(summary(cfg, args.file))
+    return 0
+
+
+def _hash(args: argparse.Namespace) -> int:
+    print(hash_key(args.key))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m proxy", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the proxy")
+    s.add_argument("--config", required=True, help="YAML configuration file")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1)
+    s.set_defaults(fn=_serve)
+
+    m = sub.add_parser("mock-upstream", help="run the built-in mock upstream as a server")
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--port", type=int, default=9000)
+    m.add_argument("--latency-ms", type=float, default=0.0)
+    m.add_argument("--tokens-per-second", type=float, default=0.0)
+    m.add_argument("--chunk-tokens", type=int, default=1)
+    m.add_argument("--log", default=None, help="append one JSON line per finished request")
+    m.set_defaults(fn=_mock)
+
+    c = sub.add_parser("check-config", help="validate a configuration and summarise it")
+    c.add_argument("file")
+    c.set_defaults(fn=_check)
+
+    h = sub.add_parser("hash-key", help="print the SHA-256 form of a client key")
+    h.add_argument("key")
+    h.set_defaults(fn=_hash)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.fn(args)
