@@ -18,7 +18,9 @@ def build_backend(cfg: MemoryBackendConfig | RedisBackendConfig) -> Backend:
     from .redis import RedisBackend, RedisSettings
 
     sentinels = tuple((h, int(p)) for h, _, p in (s.rpartition(":") for s in cfg.sentinels))
-    return RedisBackend.from_settings(
+    from .failover import FailoverBackend
+
+    shared = RedisBackend.from_settings(
         RedisSettings(
             url=cfg.url,
             cluster=cfg.cluster,
@@ -28,3 +30,4 @@ def build_backend(cfg: MemoryBackendConfig | RedisBackendConfig) -> Backend:
             key_prefix=cfg.key_prefix,
         )
     )
+    return FailoverBackend(shared, cfg.outage_policy, cfg.local_node_count)
