@@ -38,7 +38,8 @@ class _Window:
         entries, sums = self.entries, self.sums
         while entries and entries[0][0] <= horizon:
             e = entries.popleft()
-            del self.by_id[e[1]]
+            if self.by_id.get(e[1]) is e:
+                del self.by_id[e[1]]
             sums[0] -= e[2]
             sums[1] -= e[3]
             sums[2] -= e[4]
