@@ -8,7 +8,9 @@ CONFIG ?= config/example.yaml
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test test-redis test-llm cluster lint format bench clean
+LLM_CACHE_DIR ?= $(HOME)/.cache/llm-ratelimit-proxy
+
+.PHONY: run test test-llm cluster lint format bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,13 @@ run: $(RUN_STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# End-to-end suite against a real llama-server and SmolLM2-135M; the first run builds them into
+# $(LLM_CACHE_DIR) (about 5 minutes on 2 cores), later runs reuse the cache.
+test-llm: $(STAMP)
+	PYTHON="$(CURDIR)/$(PY)" LLM_CACHE_DIR="$(LLM_CACHE_DIR)" bash tests/llm/build_llama.sh
+	RUN_LLM_TESTS=1 PYTHON="$(CURDIR)/$(PY)" LLM_CACHE_DIR="$(LLM_CACHE_DIR)" \
+		$(PY) -m pytest -q tests/llm $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -35,6 +44,14 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# A local cluster (Procfile): Redis, the mock upstream, three proxy nodes on 8003-8005.
+cluster: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/honcho start -f Procfile
+
+# The benchmark: every variant, one table, an HTML report (BENCH_ARGS=--quick for ~30 s).
+bench: $(STAMP)
+	$(PY) -m loadtest.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

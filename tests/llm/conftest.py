@@ -1,0 +1,142 @@
+"""Fixtures for the end-to-end suite against a real llama-server (run with `make test-llm`).
+
+The folder is skipped unless RUN_LLM_TESTS=1, so a plain `pytest` never builds or starts anything.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+HERE = Path(__file__).resolve().parent
+BUILD_SCRIPT = HERE / "build_llama.sh"
+ENABLE_VAR = "RUN_LLM_TESTS"
+
+# A cold start loads a ~100 MB model; allow for a busy 2-core machine.
+HEALTH_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 10.0
+START_ATTEMPTS = 3
+# Served model id (`--alias`); llama-server answers whatever model a request names, so this only
+# fixes what /v1/models and the responses' "model" field say instead of the GGUF path.
+MODEL_ALIAS = "smollm2-135m"
+
+
+def llm_enabled() -> bool:
+    return os.environ.get(ENABLE_VAR) == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # This hook sees every collected item of the session, not only ours: filter by path.
+    skip = pytest.mark.skip(reason=f"needs a real llama-server: set {ENABLE_VAR}=1 (make test-llm)")
+    for item in items:
+        if HERE not in item.path.parents:
+            continue
+        item.add_marker(pytest.mark.llm)
+        if not llm_enabled():
+            item.add_marker(skip)
+
+
+def _artifacts() -> tuple[Path, Path]:
+    """Return (llama-server binary, model), building them into the cache when missing."""
+    binary, model = os.environ.get("LLAMA_SERVER_BIN"), os.environ.get("LLAMA_MODEL")
+    if binary and model:
+        return Path(binary), Path(model)
+    # The build script is a no-op when the cache is complete; a cold build takes minutes,
+    # which is why `make test-llm` runs it before pytest (outside any per-test timeout).
+    env = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)}
+    done = subprocess.run(
+        ["bash", str(BUILD_SCRIPT)], env=env, check=True, stdout=subprocess.PIPE, text=True
+    )
+    found = dict(
+        line.split("=", 1) for line in done.stdout.splitlines() if line.startswith("LLAMA_")
+    )
+    return Path(found["LLAMA_SERVER_BIN"]), Path(found["LLAMA_MODEL"])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], base_url: str) -> bool:
+    """True once /health says ok; False if the process died (e.g. lost the port race)."""
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return False
+            try:
+                r = client.get(f"{base_url}/health")
+                # 503 with "Loading model" until the model is in memory.
+                if r.status_code == 200 and r.json().get("status") == "ok":
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"llama-server at {base_url} not healthy after {HEALTH_TIMEOUT_S} s")
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def llama_model_name() -> str:
+    """The model id llama-server reports (its `--alias`)."""
+    return MODEL_ALIAS
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL (without /v1) of a llama-server on a free loopback port, for the whole session."""
+    binary, model = _artifacts()
+    log_dir = tmp_path_factory.mktemp("llama-server")
+    for attempt in range(1, START_ATTEMPTS + 1):
+        port = _free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        log_path = log_dir / f"attempt-{attempt}.log"
+        cmd = [
+            str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+            "-c", "4096", "-np", "4", "-t", "2", "--embeddings",
+            # The GGUF declares no pooling, and /v1/embeddings rejects pooling "none".
+            "--pooling", "mean", "--alias", MODEL_ALIAS,
+        ]  # fmt: skip
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            healthy = _wait_healthy(proc, base_url)
+        except BaseException:
+            _stop(proc)
+            raise
+        if healthy:
+            break
+        _stop(proc)
+    else:
+        pytest.fail(
+            f"llama-server exited with {proc.returncode} before /health was ok\n"
+            f"command: {' '.join(cmd)}\n{_tail(log_path)}"
+        )
+    try:
+        yield base_url
+    finally:
+        _stop(proc)
