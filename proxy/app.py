@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -15,10 +16,13 @@ import httpx
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from . import admin, health, metrics
+from .accesslog import apply_levels, write_access_line
 from .backends import build_backend
 from .backends.base import Backend, BackendUnavailable
 from .config import Config
@@ -32,14 +36,18 @@ from .errors import (
     Unauthorized,
     UpstreamUnreachable,
 )
+from .exchange import SCOPE_KEY, ExchangeMiddleware, InFlight, current
 from .limiter import Admission, KeyPolicy, Limiter, build_policies
 from .payload import CHAT, COMPLETIONS, EMBEDDINGS, parse_json, parse_request
 from .payload import Request as Payload
+from .reload import Reloader
 from .streaming import StreamOutcome, StreamRelay
 from .tokens import LARGE_TEXT_CHARS, TokenCounter
 from .upstream import Upstream, response_headers
 
 log = logging.getLogger("proxy")
+
+SETTLE_TIMEOUT_S = 5.0  # at shutdown, for cancelled requests to finish their settlement
 
 _LIMITED = {
     "/v1/chat/completions": CHAT,
@@ -78,7 +86,11 @@ class Node:
 
     def __init__(self, cfg: Config, backend: Backend | None = None) -> None:
         self.snapshot = build_snapshot(cfg)
-        self.backend = backend if backend is not None else build_backend(cfg.backend)
+        self.backend = (
+            backend
+            if backend is not None
+            else build_backend(cfg.backend, metrics.set_backend_state, metrics.record_backend_error)
+        )
         self.limiter = Limiter(self.backend)
         self._retired: list[Upstream] = []
 
@@ -99,6 +111,7 @@ class Node:
         policy = snap.policies.get(hashlib.sha256(token.encode()).hexdigest())
         if policy is None:
             raise Unauthorized("Incorrect API key provided.")
+        current().key = policy.name
         return policy
 
     async def read_body(self, request: Request, limit: int) -> bytes:
@@ -141,17 +154,25 @@ class Node:
     async def admit(
         self, policy: KeyPolicy, model: str | None, input_tokens: int, output_tokens: int
     ) -> Admission:
+        ex = current()
+        ex.model = model
+        t0 = time.perf_counter()
         try:
-            return await self.limiter.admit(policy, model, input_tokens, output_tokens)
+            ex.admission = await self.limiter.admit(policy, model, input_tokens, output_tokens)
+            return ex.admission
         except BackendUnavailable as exc:
+            metrics.record_backend_error("reserve")
             raise LimiterUnavailable(
                 "The rate limiter's storage is unavailable; the request was not admitted."
             ) from exc
+        finally:
+            ex.decision_s = time.perf_counter() - t0
 
     async def settle(self, admission: Admission, actual: tuple[int, int, int]) -> None:
         try:
             await self.limiter.settle(admission, actual)
         except BackendUnavailable:
+            metrics.record_backend_error("reconcile")
             log.warning("could not reconcile a reservation: backend unavailable")
 
     # -- endpoints ------------------------------------------------------------------------
@@ -168,13 +189,16 @@ class Node:
         if strip_usage:
             opts = dict(p.body.get("stream_options") or {})
             opts["include_usage"] = True
+            # vLLM's per-chunk usage needs include_usage: without it the client would have
+            # seen no usage at all, so only the final usage chunk is asked for (and removed).
+            opts.pop("continuous_usage_stats", None)
             raw = orjson.dumps({**p.body, "stream_options": opts})
         admission = await self.admit(policy, p.model, input_tokens, p.output_reservation)
         try:
             req = upstream.build(
                 "POST", request.url.path[3:], request.url.query.encode(), request.headers.raw, raw
             )
-            resp = await upstream.send(req)
+            resp = await _timed_send(upstream, req)
         except BaseException:
             await self.settle(admission, (1, 0, 0))
             raise
@@ -193,8 +217,7 @@ class Node:
     ) -> Response:
         actual: tuple[int, int, int] = (1, 0, 0)
         try:
-            async with upstream.errors():
-                content = await resp.aread()
+            content = await upstream.read(resp)
             if resp.status_code < 400:
                 actual = _usage_of_body(content, snap.counter, p, input_tokens)
         finally:
@@ -213,21 +236,27 @@ class Node:
         resp: httpx.Response,
         strip_usage: bool,
     ) -> StreamRelay:
+        ex = current()
+        ex.stream = True
+
         async def settle(outcome: StreamOutcome) -> None:
+            ex.stream_end = _stream_end(outcome)
             if outcome.usage is not None:
                 actual = (1, outcome.usage[0], outcome.usage[1])
             else:
                 # No usage came (client gone, upstream cut, or usage unsupported): charge what
                 # was actually streamed, counted from the forwarded deltas.
-                out = snap.counter.count_text(outcome.output_text, p.model)
-                actual = (1, input_tokens, out)
+                out = outcome.output_tokens
+                actual = (1, input_tokens, p.output_reservation if out is None else out)
             await self.settle(admission, actual)
 
         headers = response_headers(resp.headers)
         headers.update(admission.headers())
         headers["cache-control"] = "no-cache"
         headers["x-accel-buffering"] = "no"
-        return StreamRelay(resp, headers, settle, strip_usage)
+        return StreamRelay(
+            resp, headers, settle, strip_usage, lambda text: snap.counter.count_text(text, p.model)
+        )
 
     async def passthrough(self, request: Request) -> Response:
         """Other /v1/* paths: authenticated, counted as one request, forwarded as they are."""
@@ -244,7 +273,7 @@ class Node:
             request.headers.raw,
             raw,
         )
-        resp = await upstream.send(req)
+        resp = await _timed_send(upstream, req)
         headers = response_headers(resp.headers)
         headers.update(admission.headers())
 
@@ -264,8 +293,27 @@ class Node:
         await self.backend.aclose()
 
 
+async def _timed_send(upstream: Upstream, req: httpx.Request) -> httpx.Response:
+    """``upstream.send`` with its time to response headers noted for the access log/metrics."""
+    ex = current()
+    ex.upstream = upstream.name
+    t0 = time.perf_counter()
+    try:
+        return await upstream.send(req)
+    finally:
+        ex.upstream_s = time.perf_counter() - t0
+
+
 def _is_sse(resp: httpx.Response) -> bool:
     return resp.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def _stream_end(outcome: StreamOutcome) -> str:
+    if outcome.error is not None:
+        return "upstream_error"
+    if outcome.completed:  # first: the server reports a disconnect after a finished response
+        return "completed"
+    return "client_gone" if outcome.client_gone else "incomplete"
 
 
 def _check_path(request: Request) -> None:
@@ -304,6 +352,7 @@ def _usage_of_body(
 
 async def _proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
+    current().error = exc
     return exc.response()
 
 
@@ -321,25 +370,61 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.error("unexpected error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
-    return ProxyError("The proxy failed to handle this request.").response()
+    # This handler runs outside the request-id middleware: add the header here.
+    rid = request.scope.get(SCOPE_KEY)
+    return ProxyError("The proxy failed to handle this request.").response(
+        {"x-request-id": rid} if rid else None
+    )
 
 
-def create_app(cfg: Config, backend: Backend | None = None) -> Starlette:
+def create_app(
+    cfg: Config, backend: Backend | None = None, config_path: str | None = None
+) -> Starlette:
+    """``config_path``: the file to watch and re-read on SIGHUP (hot reload); None: no reload."""
     node = Node(cfg, backend)
+    inflight = InFlight()
+    recorder = metrics.Recorder(cfg)
+    refusals = admin.Refusals()
+    reloader = None
+    if config_path is not None:
+        reloader = Reloader(
+            node,
+            config_path,
+            build_snapshot,
+            inflight,
+            on_apply=(recorder.configure, lambda c: apply_levels(c.logging)),
+            on_result=lambda result: metrics.CONFIG_RELOADS.labels(result).inc(),
+        )
+    if metrics.backend_state() is None:
+        metrics.set_backend_state("ok")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         sweeper = asyncio.create_task(_sweep(node))
+        if reloader is not None:
+            reloader.start()
         try:
             yield
         finally:
             sweeper.cancel()
+            # uvicorn has let requests finish, or cancelled them after shutdown_grace_s; the
+            # cancelled ones settle in shielded finally blocks: let those reach the backend.
+            if not await inflight.drained(SETTLE_TIMEOUT_S):
+                log.warning("%d requests still unsettled at shutdown", len(inflight))
+            if reloader is not None:
+                await reloader.stop()
             await node.aclose()
+            metrics.mark_process_dead()
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
-    routes = [Route("/healthz", healthz, methods=["GET"])]
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", health.readyz, methods=["GET"]),
+        Route("/metrics", metrics.metrics_endpoint, methods=["GET"]),
+        *admin.routes(),
+    ]
     routes += [Route(path, node.limited, methods=["POST"]) for path in _LIMITED]
     routes += [
         Route(
@@ -356,8 +441,20 @@ def create_app(cfg: Config, backend: Backend | None = None) -> Starlette:
             HTTPException: _http_error,
             Exception: _unexpected,
         },
+        middleware=[
+            Middleware(
+                ExchangeMiddleware,
+                finishers=(recorder.finish, refusals.finish, write_access_line),
+                on_stream=metrics.stream_gauge,
+                inflight=inflight,
+            )
+        ],
     )
     app.state.node = node
+    app.state.inflight = inflight
+    app.state.refusals = refusals
+    app.state.reloader = reloader
+    app.state.recorder = recorder
     return app
 
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
+import signal
 import sys
+import tempfile
 
 from .config import Config, ConfigError, HttpUpstream, MockUpstream, hash_key, load_config
 
 _CONFIG_ENV = "PROXY_CONFIG_FILE"
+_METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def _loop() -> str:
@@ -23,9 +27,36 @@ def _loop() -> str:
 
 
 def app_factory():  # called by uvicorn in every worker
+    from .accesslog import setup_logging
     from .app import create_app
 
-    return create_app(load_config(os.environ[_CONFIG_ENV]))
+    if hasattr(signal, "SIGHUP"):
+        # Until the app's lifespan takes SIGHUP (reload), an early one must not kill the worker.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    path = os.environ[_CONFIG_ENV]
+    cfg = load_config(path)
+    setup_logging(cfg.logging)
+    return create_app(cfg, config_path=path)
+
+
+def _serve_workers(workers: int, options: dict) -> int:
+    import uvicorn
+
+    from .reload import forwarding_supervisor
+
+    # Every worker writes its metrics to files in one fresh directory; /metrics merges them.
+    base = os.environ.get(_METRICS_ENV)
+    metrics_dir = tempfile.mkdtemp(
+        prefix="proxy-metrics-", dir=base if base and os.path.isdir(base) else None
+    )
+    os.environ[_METRICS_ENV] = metrics_dir  # inherited by the workers, set before they start
+    try:
+        config = uvicorn.Config("proxy.cli:app_factory", workers=workers, **options)
+        sock = config.bind_socket()
+        forwarding_supervisor(config, [sock]).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -46,12 +77,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     os.environ[_CONFIG_ENV] = os.path.abspath(args.config)
     logging.basicConfig(level=cfg.logging.level.upper(), format="%(message)s")
-    uvicorn.run(
-        "proxy.cli:app_factory",
+    options = dict(
         factory=True,
         host=args.host,
         port=args.port,
-        workers=args.workers if args.workers > 1 else None,
         loop=_loop(),
         http="auto",
         lifespan="on",
@@ -60,6 +89,9 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=cfg.shutdown_grace_s,
         server_header=False,
     )
+    if args.workers > 1:
+        return _serve_workers(args.workers, options)
+    uvicorn.run("proxy.cli:app_factory", **options)
     return 0
 
 

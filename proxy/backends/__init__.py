@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .base import Backend
@@ -10,7 +11,13 @@ if TYPE_CHECKING:
     from ..config import MemoryBackendConfig, RedisBackendConfig
 
 
-def build_backend(cfg: MemoryBackendConfig | RedisBackendConfig) -> Backend:
+def build_backend(
+    cfg: MemoryBackendConfig | RedisBackendConfig,
+    on_state: Callable[[str], None] | None = None,
+    on_error: Callable[[str], None] | None = None,
+) -> Backend:
+    """The configured backend; ``on_state`` / ``on_error`` report outage transitions and failed
+    calls of a shared store (the app passes its metrics hooks)."""
     if cfg.type == "memory":
         from .memory import MemoryBackend
 
@@ -30,4 +37,6 @@ def build_backend(cfg: MemoryBackendConfig | RedisBackendConfig) -> Backend:
             key_prefix=cfg.key_prefix,
         )
     )
-    return FailoverBackend(shared, cfg.outage_policy, cfg.local_node_count)
+    return FailoverBackend(
+        shared, cfg.outage_policy, cfg.local_node_count, on_state=on_state, on_error=on_error
+    )

@@ -44,6 +44,7 @@ class FailoverBackend(Backend):
         *,
         backoff_s: tuple[float, float] = (0.2, 5.0),
         on_state: Callable[[str], None] | None = None,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.primary = primary
         self.policy = policy
@@ -51,6 +52,7 @@ class FailoverBackend(Backend):
         self.local = MemoryBackend()
         self._backoff = backoff_s
         self._on_state = on_state
+        self._on_error = on_error
         self._probe: asyncio.Task | None = None
         self.healthy = True
 
@@ -58,13 +60,13 @@ class FailoverBackend(Backend):
     def state(self) -> str:
         return "ok" if self.healthy else f"outage:{self.policy}"
 
-    def _down(self, exc: BaseException) -> None:
+    def _down(self, exc: BaseException, operation: str) -> None:
+        if self._on_error:
+            self._on_error(operation)
         if self.healthy:
             self.healthy = False
             log.warning(
-                "limiter backend unavailable (%s); applying outage policy %s",
-                type(exc).__name__,
-                self.policy,
+                "limiter backend unavailable (%s); applying outage policy %s", exc, self.policy
             )
             if self._on_state:
                 self._on_state(self.state)
@@ -96,7 +98,7 @@ class FailoverBackend(Backend):
             try:
                 return await self.primary.reserve(scopes, cost, reservation_id)
             except BackendUnavailable as exc:
-                self._down(exc)
+                self._down(exc, "reserve")
         return await self._fallback(scopes, cost, reservation_id)
 
     async def reconcile(self, reservation: Reservation, actual: Triple) -> None:
@@ -108,14 +110,14 @@ class FailoverBackend(Backend):
         except BackendUnavailable as exc:
             # The entry stays as reserved and expires with its window: never under-charged
             # beyond this one request, and nothing waits on a dead store.
-            self._down(exc)
+            self._down(exc, "reconcile")
 
     async def peek(self, scopes: Sequence[Scope]) -> tuple[ScopeState, ...]:
         if self.healthy:
             try:
                 return await self.primary.peek(scopes)
             except BackendUnavailable as exc:
-                self._down(exc)
+                self._down(exc, "peek")
         if self.policy == "local":
             return await self.local.peek([_divided(s, self.nodes) for s in scopes])
         raise BackendUnavailable("limiter backend unavailable")

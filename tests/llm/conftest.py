@@ -11,10 +11,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.procs import Proc, start_proxy, write_config
 
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build_llama.sh"
@@ -136,6 +139,129 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             f"llama-server exited with {proc.returncode} before /health was ok\n"
             f"command: {' '.join(cmd)}\n{_tail(log_path)}"
         )
+    try:
+        yield base_url
+    finally:
+        _stop(proc)
+
+
+# -- the proxy in front of llama-server -----------------------------------------------------
+
+# The shared llama-server checks no key: the proxy still sends one (from api_key_env) so the
+# client's own key provably never travels upstream; the keyed server below checks it.
+UPSTREAM_KEY_ENV = "LLM_UPSTREAM_KEY"
+UPSTREAM_KEY = "sk-llama-upstream-0123456789"
+# Far longer than the suite: no entry leaves the window while a test reads its key's usage.
+PROXY_WINDOW_S = 600
+ROOMY_LIMITS = {"rpm": 1000, "input_tpm": 100_000, "output_tpm": 100_000}
+FRESH_KEYS = 24  # one unused key per test that asks for `fresh_key`
+# For the concurrency test: room for output_tpm // max_tokens concurrent reservations only.
+TIGHT_LIMITS = {"rpm": 1000, "input_tpm": 100_000, "output_tpm": 28}
+
+
+@dataclass(frozen=True)
+class ProxyKey:
+    """A client key configured in the proxy, with its limits."""
+
+    name: str
+    secret: str
+    limits: dict[str, int]
+
+
+@dataclass
+class LlmProxy:
+    """A proxy process in front of llama-server; `url` has no /v1."""
+
+    url: str
+    proc: Proc
+    keys: dict[str, ProxyKey]
+    _fresh: list[ProxyKey] = field(default_factory=list)
+
+    def fresh_key(self) -> ProxyKey:
+        if not self._fresh:
+            raise RuntimeError(f"all {FRESH_KEYS} fresh proxy keys are used: raise FRESH_KEYS")
+        return self._fresh.pop(0)
+
+
+def proxy_config(upstream_v1: str, keys: list[ProxyKey]) -> dict:
+    """A mock-free config: one http upstream (llama-server), memory backend, the given keys."""
+    return {
+        "backend": {"type": "memory"},
+        "upstreams": {
+            "llama": {
+                "type": "http",
+                "base_url": upstream_v1,
+                "api_key_env": UPSTREAM_KEY_ENV,
+                "timeout_s": 300,  # a slow, busy CPU: generation can take a while
+            }
+        },
+        "default_upstream": "llama",
+        "window_s": PROXY_WINDOW_S,
+        "keys": [{"name": k.name, "key": k.secret, "limits": k.limits} for k in keys],
+    }
+
+
+def start_llm_proxy(
+    upstream_v1: str, keys: list[ProxyKey], directory: Path, upstream_key: str
+) -> Proc:
+    path = write_config(proxy_config(upstream_v1, keys), directory)
+    return start_proxy(path, env={UPSTREAM_KEY_ENV: upstream_key})
+
+
+@pytest.fixture(scope="session")
+def llm_proxy(llama_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmProxy]:
+    """`python -m proxy serve` in front of the shared llama-server."""
+    fresh = [
+        ProxyKey(f"fresh-{i:02d}", f"sk-llm-fresh-{i:02d}-0123456789", ROOMY_LIMITS)
+        for i in range(FRESH_KEYS)
+    ]
+    tight = ProxyKey("tight", "sk-llm-tight-0123456789", TIGHT_LIMITS)
+    keys = [*fresh, tight]
+    proc = start_llm_proxy(
+        f"{llama_server}/v1", keys, tmp_path_factory.mktemp("llm-proxy"), UPSTREAM_KEY
+    )
+    try:
+        yield LlmProxy(proc.url, proc, {k.name: k for k in keys}, list(fresh))
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def fresh_key(llm_proxy: LlmProxy) -> ProxyKey:
+    """A proxy key no other test used: its usage starts at zero."""
+    return llm_proxy.fresh_key()
+
+
+# A second, small llama-server that requires an API key, to show which key reaches upstream.
+KEYED_LLAMA_KEY = "sk-keyed-llama-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed_llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of a one-slot llama-server started with --api-key KEYED_LLAMA_KEY."""
+    binary, model = _artifacts()
+    log_dir = tmp_path_factory.mktemp("keyed-llama-server")
+    for attempt in range(1, START_ATTEMPTS + 1):
+        port = _free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        log_path = log_dir / f"attempt-{attempt}.log"
+        cmd = [
+            str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+            "-c", "512", "-np", "1", "-t", "1", "--alias", MODEL_ALIAS,
+            "--api-key", KEYED_LLAMA_KEY,
+        ]  # fmt: skip
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            healthy = _wait_healthy(proc, base_url)
+        except BaseException:
+            _stop(proc)
+            raise
+        if healthy:
+            break
+        _stop(proc)
+    else:
+        pytest.fail(f"keyed llama-server exited with {proc.returncode}\n{_tail(log_path)}")
     try:
         yield base_url
     finally:
