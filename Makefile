@@ -24,10 +24,17 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@ $(RUN_STAMP)
 
+# The admin page's browser test drives Debian's chromium with playwright-core (no browser download).
+BROWSER_DEPS := tests/browser/node_modules/.installed
+$(BROWSER_DEPS): tests/browser/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix tests/browser --no-audit --no-fund --silent && touch $@; \
+	else echo "npm not found: the admin page's browser test will be skipped"; fi
+
 run: $(RUN_STAMP)
 	$(PY) -m proxy serve --config $(CONFIG) --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+test: $(STAMP) $(BROWSER_DEPS)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # End-to-end suite against a real llama-server and SmolLM2-135M; the first run builds them into

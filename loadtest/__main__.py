@@ -172,8 +172,22 @@ def _cmd_trivial(a: argparse.Namespace) -> int:
     return 0
 
 
+# Commands with their own argument parsers, in their own modules.
+_DELEGATED = {"bench": "bench", "exactness": "exactness", "redis-server": "redis_server"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _DELEGATED:
+        import importlib
+
+        module = importlib.import_module(f"loadtest.{_DELEGATED[argv[0]]}")
+        return int(module.main(argv[1:]))
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest",
+        description=__doc__,
+        epilog="also: bench, exactness, redis-server (each with its own --help)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     c = sub.add_parser("ceiling", help="measure the generator's own requests/s ceiling")

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -97,16 +98,7 @@ class Node:
     # -- pieces of the request path ---------------------------------------------------------
 
     def authenticate(self, snap: Snapshot, request: Request) -> KeyPolicy:
-        auth = request.headers.get("authorization")
-        if not auth:
-            raise Unauthorized(
-                "You didn't provide an API key. You need to provide your API key in an "
-                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
-            )
-        scheme, _, token = auth.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthorized("The Authorization header must be 'Bearer <your API key>'.")
+        token = _client_key(request)
         # Looked up by digest: the dictionary never sees (or compares) the key itself.
         policy = snap.policies.get(hashlib.sha256(token.encode()).hexdigest())
         if policy is None:
@@ -119,7 +111,8 @@ class Node:
         if declared is not None:
             if not declared.isdigit():
                 raise InvalidRequest("Invalid Content-Length header.")
-            if int(declared) > limit:
+            # Length first: int() of thousands of digits is slow, and refused past 4300.
+            if len(declared) > 18 or int(declared) > limit:
                 raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
         chunks = []
         size = 0
@@ -192,11 +185,19 @@ class Node:
             # vLLM's per-chunk usage needs include_usage: without it the client would have
             # seen no usage at all, so only the final usage chunk is asked for (and removed).
             opts.pop("continuous_usage_stats", None)
-            raw = orjson.dumps({**p.body, "stream_options": opts})
+            try:
+                raw = orjson.dumps({**p.body, "stream_options": opts})
+            except orjson.JSONEncodeError:  # parsed (1024 levels), not writable (255)
+                raise InvalidRequest("The request body is nested too deeply.") from None
         admission = await self.admit(policy, p.model, input_tokens, p.output_reservation)
         try:
             req = upstream.build(
-                "POST", request.url.path[3:], request.url.query.encode(), request.headers.raw, raw
+                "POST",
+                request.url.path[3:],
+                request.url.query.encode(),
+                request.headers.raw,
+                raw,
+                secret=_client_key(request),
             )
             resp = await _timed_send(upstream, req)
         except BaseException:
@@ -220,6 +221,8 @@ class Node:
             content = await upstream.read(resp)
             if resp.status_code < 400:
                 actual = _usage_of_body(content, snap.counter, p, input_tokens)
+            else:
+                content = upstream.redact(content)  # error bodies may echo the upstream's key
         finally:
             await resp.aclose()
             await self.settle(admission, actual)
@@ -268,14 +271,22 @@ class Node:
         upstream = snap.upstreams[snap.config.default_upstream]
         req = upstream.build(
             request.method,
-            request.url.path[3:],
+            _raw_path(request)[3:],  # as the client encoded it (checked above), not re-encoded
             request.url.query.encode(),
             request.headers.raw,
             raw,
+            secret=_client_key(request),
         )
         resp = await _timed_send(upstream, req)
         headers = response_headers(resp.headers)
         headers.update(admission.headers())
+        if resp.status_code >= 400:
+            # Error bodies are small and may echo request headers: read whole, redacted.
+            try:
+                content = upstream.redact(await upstream.read(resp))
+            finally:
+                await resp.aclose()
+            return Response(content, resp.status_code, headers)
 
         async def body() -> AsyncIterator[bytes]:
             try:
@@ -316,9 +327,47 @@ def _stream_end(outcome: StreamOutcome) -> str:
     return "client_gone" if outcome.client_gone else "incomplete"
 
 
+def _client_key(request: Request) -> str:
+    """The Bearer token of the request's one Authorization header, else Unauthorized."""
+    values = request.headers.getlist("authorization")
+    if len(values) > 1:
+        # Two credentials: which one counts would depend on who reads the headers.
+        raise Unauthorized("Send one Authorization header, not several.")
+    if not values or not values[0]:
+        raise Unauthorized(
+            "You didn't provide an API key. You need to provide your API key in an "
+            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        )
+    scheme, _, token = values[0].partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("The Authorization header must be 'Bearer <your API key>'.")
+    return token
+
+
+def _raw_path(request: Request) -> str:
+    raw = request.scope.get("raw_path")
+    return raw.decode("latin-1").split("?")[0] if raw else request.url.path
+
+
+# Backslashes and control characters: meaningless in an API path, and some servers or httpx
+# itself treat them specially (httpx drops tabs and newlines, refuses DEL).
+_BAD_PATH_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
 def _check_path(request: Request) -> None:
-    path = unquote(request.scope.get("raw_path", b"").decode("latin-1").split("?")[0])
-    if any(seg in (".", "..") for seg in path.split("/")) or "\\" in path or "\x00" in path:
+    """A passthrough path must mean the same to the upstream as to us: no dot segments, no
+    empty segments ("//"), no backslashes or control characters, plain ASCII as sent."""
+    target = _raw_path(request)
+    path = unquote(target)
+    segments = path.split("/")
+    if (
+        not target.startswith("/v1/")
+        or not target.isascii()
+        or any(seg in (".", "..") for seg in segments)
+        or "" in segments[2:-1]
+        or _BAD_PATH_CHARS.search(path)
+    ):
         raise InvalidRequest("Invalid request path.")
 
 
@@ -419,13 +468,14 @@ def create_app(
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
-    routes = [
+    # The API routes first: the router tries routes in order, one regex each, per request.
+    routes = [Route(path, node.limited, methods=["POST"]) for path in _LIMITED]
+    routes += [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
         Route("/metrics", metrics.metrics_endpoint, methods=["GET"]),
         *admin.routes(),
     ]
-    routes += [Route(path, node.limited, methods=["POST"]) for path in _LIMITED]
     routes += [
         Route(
             "/v1/{rest:path}",

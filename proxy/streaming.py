@@ -160,6 +160,10 @@ class StreamRelay:
         splitter = EventSplitter()
         try:
             async for chunk in self.upstream.aiter_bytes():
+                if outcome.client_gone:
+                    # A cancel may never be delivered while the upstream always has data
+                    # ready: stop pulling (and paying for) a stream nobody reads.
+                    return
                 whole = not splitter.pending  # the read starts at an event boundary
                 events = splitter.feed(chunk)
                 if events and await self._forward(
@@ -332,7 +336,11 @@ _COMPLETION_TEXT = re.compile(rb'\{"text":"((?:[^"\\]|\\.)*)","index":(\d+)')
 
 def _string(raw: bytes) -> str:
     if b"\\" in raw:
-        return orjson.loads(b'"' + raw + b'"')
+        try:
+            return orjson.loads(b'"' + raw + b'"')
+        except orjson.JSONDecodeError:
+            # An invalid escape from the upstream: count the text as it came rather than fail.
+            return raw.decode("utf-8", "replace")
     return raw.decode("utf-8", "replace")
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from urllib.parse import parse_qsl, urlencode
 
 import httpx
 
 from .asgi_transport import StreamingASGITransport
 from .config import HttpUpstream, MockUpstream
-from .errors import UpstreamTimeout, UpstreamUnreachable
+from .errors import InvalidRequest, UpstreamTimeout, UpstreamUnreachable
+from .http11 import LeanTransport
 
 # Never forwarded: hop-by-hop headers (RFC 9110 7.6.1), framing the proxy recomputes, and every
 # header that may carry the client's own credentials.
@@ -54,11 +56,29 @@ _DROP_RESPONSE = frozenset(
 )
 
 
-def request_headers(raw: Iterable[tuple[bytes, bytes]], api_key: str | None) -> list:
+REDACTED = b"[redacted]"
+
+
+def request_headers(
+    raw: Iterable[tuple[bytes, bytes]], api_key: str | None, secret: bytes | None = None
+) -> list:
+    """``secret``: the client's own key; a header carrying it, under any name, is dropped."""
     out = [(k, v) for k, v in raw if k.lower() not in _DROP_REQUEST]
+    if secret:
+        out = [(k, v) for k, v in out if secret not in v]
     if api_key:
         out.append((b"authorization", b"Bearer " + api_key.encode()))
     return out
+
+
+def query_without(query: bytes, secret: str) -> bytes:
+    """``query`` minus every parameter whose name or value (decoded) carries ``secret``, e.g.
+    ``?api_key=<client key>``: what a client sends to the proxy must not reach the upstream."""
+    if not query or (secret.encode() not in query and b"%" not in query):
+        return query
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    kept = [(k, v) for k, v in pairs if secret not in k and secret not in v]
+    return query if len(kept) == len(pairs) else urlencode(kept).encode()
 
 
 def response_headers(headers: httpx.Headers) -> dict[str, str]:
@@ -68,6 +88,9 @@ def response_headers(headers: httpx.Headers) -> dict[str, str]:
         lk = k.lower()
         if lk in _DROP_RESPONSE or lk.startswith("x-ratelimit-") or lk == "retry-after":
             continue
+        if lk == "x-request-id":
+            # The proxy's own request id takes this name; the upstream's keeps its value.
+            lk = "x-upstream-request-id"
         out[lk] = v
     return out
 
@@ -90,22 +113,36 @@ class Upstream:
             )
             self.api_key: str | None = None
             self.base_url = "http://mock.internal/v1"
+            transport: httpx.AsyncBaseTransport = StreamingASGITransport(app)
             self.client = httpx.AsyncClient(
-                transport=StreamingASGITransport(app), base_url=self.base_url, timeout=None
+                transport=transport, base_url=self.base_url, timeout=None
             )
         else:
             self.api_key = cfg.api_key
             self.base_url = cfg.base_url.rstrip("/")
+            limits = httpx.Limits(
+                max_connections=cfg.max_connections,
+                max_keepalive_connections=cfg.max_connections,
+            )
+            # httpx's pool with lean HTTP/1.1 connections (proxy/http11.py): the stock ones
+            # cost the node more CPU per request than everything else together.
+            transport = LeanTransport(limits=limits, trust_env=False)
             self.client = httpx.AsyncClient(
                 base_url=self.base_url,
                 timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s),
-                limits=httpx.Limits(
-                    max_connections=cfg.max_connections,
-                    max_keepalive_connections=cfg.max_connections,
-                ),
+                transport=transport,
                 follow_redirects=False,
                 trust_env=False,
             )
+        # The hot path builds requests and hands them to the transport itself: the client's
+        # merging, auth and redirect machinery and cookie jar are not used by a proxy (a
+        # cookie jar would even replay one client's upstream cookies to every other client).
+        # The client still owns the transport (aclose) and says whether it is closed.
+        self._transport = transport
+        self._timeout = self.client.timeout.as_dict()
+        self._defaults = [(k.lower(), v) for k, v in self.client.headers.raw]
+        self._urls: dict[tuple[str, bytes], httpx.URL] = {}
+        self._key = self.api_key.encode() if self.api_key else None
 
     def build(
         self,
@@ -114,10 +151,38 @@ class Upstream:
         query: bytes,
         headers: Iterable[tuple[bytes, bytes]],
         body: bytes,
+        secret: str | None = None,
     ) -> httpx.Request:
-        url = httpx.URL(self.base_url + path, query=query)
-        return self.client.build_request(
-            method, url, headers=request_headers(headers, self.api_key), content=body
+        """``secret``: the client's key, removed from every header and query parameter."""
+        if secret:
+            query = query_without(query, secret)
+        url = self._urls.get((path, query))
+        if url is None:
+            try:
+                # No query: no "?" either (``query=b""`` would send a bare "?").
+                url = (
+                    httpx.URL(self.base_url + path, query=query)
+                    if query
+                    else httpx.URL(self.base_url + path)
+                )
+            except (httpx.InvalidURL, UnicodeError):
+                raise InvalidRequest("Invalid request path or query string.") from None
+            if len(self._urls) < 256:  # the few API paths; not every passthrough URL
+                self._urls[(path, query)] = url
+        out = request_headers(headers, self.api_key, secret.encode() if secret else None)
+        names = {k.lower() for k, _ in out}
+        # httpx's default headers where the client sent none (user-agent, accept ...).
+        out.extend(kv for kv in self._defaults if kv[0] not in names)
+        # Host and Content-Length written here: with ``stream=`` httpx adds no headers of its
+        # own and builds its header list once (``content=`` builds it twice).
+        out.append((b"host", url.netloc))
+        out.append((b"content-length", b"%d" % len(body)))
+        return httpx.Request(
+            method,
+            url,
+            headers=out,
+            stream=httpx.ByteStream(body),
+            extensions={"timeout": self._timeout},
         )
 
     @asynccontextmanager
@@ -134,8 +199,30 @@ class Upstream:
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         """Send and return once headers arrived; the caller reads and closes the body."""
+        if self.client.is_closed:
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
         async with self.errors():
-            return await self.client.send(request, stream=True)
+            response = await self._transport.handle_async_request(request)
+        response.request = request
+        key = self._key
+        if key is not None and any(key in v for _, v in response.headers.raw):
+            # An upstream that echoes its request headers must not hand the client its key.
+            response.headers = httpx.Headers(
+                [(k, v.replace(key, REDACTED)) for k, v in response.headers.raw]
+            )
+        return response
+
+    def redact(self, data: bytes) -> bytes:
+        """``data`` without the upstream's key (for error bodies, which may echo requests)."""
+        key = self._key
+        return data.replace(key, REDACTED) if key is not None and key in data else data
+
+    async def read(self, response: httpx.Response) -> bytes:
+        """The whole body: straight from the transport unless it needs decoding."""
+        async with self.errors():
+            if "content-encoding" in response.headers:
+                return await response.aread()
+            return b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -269,3 +269,16 @@ async def test_path_traversal_refused(client) -> None:
     r = await client.get("/v1/..%2f..%2fadmin", headers=auth())
     assert r.status_code in (400, 404)
     assert await usage(client) == (0, 0, 0)
+
+
+@respx.mock
+async def test_upstream_request_id_is_renamed_not_duplicated(make_client) -> None:
+    respx.post(f"{UP}/chat/completions").mock(
+        return_value=httpx.Response(200, json=completion_body(), headers={"x-request-id": "up-1"})
+    )
+    c = make_client(http_config())
+    r = await c.post(
+        "/v1/chat/completions", json=chat(), headers={**auth(), "x-request-id": "mine-7"}
+    )
+    assert r.headers.get_list("x-request-id") == ["mine-7"]
+    assert r.headers["x-upstream-request-id"] == "up-1"

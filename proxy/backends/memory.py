@@ -49,6 +49,23 @@ class _Window:
         s = self.sums
         return ScopeState((s[0], s[1], s[2]), reset)
 
+    def live_state(self, now: int, window_ms: int) -> ScopeState:
+        """Like ``state`` after ``expire``, without removing anything: a peek under a shorter
+        window (a reload) must not drop what a longer one still counts."""
+        horizon = now - window_ms
+        gone = [0, 0, 0]
+        oldest = None
+        for e in self.entries:
+            if e[0] > horizon:
+                oldest = e[0]
+                break
+            gone[0] += e[2]
+            gone[1] += e[3]
+            gone[2] += e[4]
+        s = self.sums
+        used = (s[0] - gone[0], s[1] - gone[1], s[2] - gone[2])
+        return ScopeState(used, oldest + window_ms - now if oldest is not None else 0)
+
     def wait_ms(self, dim: int, need: int, now: int, window_ms: int) -> int:
         """ms until entries holding at least ``need`` units of ``dim`` have left the window."""
         freed = 0
@@ -139,8 +156,7 @@ class MemoryBackend(Backend):
             if w is None:
                 out.append(ScopeState((0, 0, 0), 0))
                 continue
-            w.expire(now, scope.window_ms)
-            out.append(w.state(now, scope.window_ms))
+            out.append(w.live_state(now, scope.window_ms))
         return tuple(out)
 
     async def reset(self, scopes: Sequence[Scope]) -> None:

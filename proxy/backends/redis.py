@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import site
+import sys
+import sysconfig
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
@@ -25,8 +29,23 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from .base import Backend, BackendUnavailable, Decision, Reservation, Scope, ScopeState, Triple
 
-# The repository root is the parent of the ``proxy`` package (also for an editable install).
-SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "scripts_lua"
+
+def _scripts_dir() -> Path:
+    """``scripts_lua/`` at the top of a source tree (or editable install), else where a wheel
+    puts it (pyproject's data-files): ``<prefix>/share/llm-ratelimit-proxy/scripts_lua``."""
+    in_tree = Path(__file__).resolve().parents[2] / "scripts_lua"
+    installed = [
+        Path(base) / "share" / "llm-ratelimit-proxy" / "scripts_lua"
+        for base in (sysconfig.get_path("data"), sys.prefix, site.USER_BASE)
+        if base
+    ]
+    for folder in (in_tree, *installed):
+        if (folder / "lib.lua").is_file():
+            return folder
+    return in_tree  # _Script's error then names the folder it looked in
+
+
+SCRIPTS_DIR = _scripts_dir()
 TTL_MARGIN_MS = 5_000  # keys outlive their newest entry by this much, then Redis drops them
 _TIME = -1  # ARGV "now" meaning: use the server's TIME
 # Everything that means "Redis did not answer properly"; turned into BackendUnavailable.
@@ -94,6 +113,22 @@ class _Script:
         self.sha = hashlib.sha1(body.encode()).hexdigest()
 
 
+class _FewCommands(AsyncCommandsParser):
+    """Key positions of the one multi-key command this backend sends (DEL), by COMMAND INFO.
+
+    The cluster client finds EVALSHA's keys from its numkeys and sends SCRIPT LOAD and PING to
+    fixed nodes; only DEL needs the table. redis-py's own parser reads the whole COMMAND table
+    at every (re)initialization: ~100 ms of parsing, which on a busy node exceeds a 250 ms
+    timeout, so every cold start or reconnect looked like an outage.
+    """
+
+    async def initialize(self, node: Any = None) -> None:
+        if node is not None:
+            self.node = node
+        info = await self.node.execute_command("COMMAND", "INFO", "del")
+        self.commands = {name.lower(): cmd for name, cmd in info.items()}
+
+
 def _client_from_settings(s: RedisSettings) -> tuple[Any, list[Any]]:
     """The client for the three forms, and further clients to close with it."""
     timeout = s.timeout_ms / 1000
@@ -108,7 +143,9 @@ def _client_from_settings(s: RedisSettings) -> tuple[Any, list[Any]]:
         "protocol": 2,
     }
     if s.cluster:
-        return RedisCluster.from_url(s.url, **common), []
+        cluster = RedisCluster.from_url(s.url, **common)
+        cluster.commands_parser = _FewCommands()
+        return cluster, []
     if s.sentinels:
         conn = parse_url(s.url)
         kwargs = {k: v for k, v in conn.items() if k in ("db", "username", "password")}
