@@ -77,6 +77,7 @@ class MockUpstream(_Frozen):
     tokens_per_second: Annotated[float, Field(ge=0)] = 0
     chunk_tokens: PositiveInt = 1
     stream_usage: bool = True
+    max_response_bytes: PositiveInt = 64 * 1024 * 1024
 
 
 class HttpUpstream(_Frozen):
@@ -87,6 +88,7 @@ class HttpUpstream(_Frozen):
     connect_timeout_s: Annotated[float, Field(gt=0)] = 10
     max_connections: PositiveInt = 1000
     stream_usage: bool = True
+    max_response_bytes: PositiveInt = 64 * 1024 * 1024
     # Read from the environment at load time; never printed.
     api_key: Annotated[str | None, Field(repr=False, exclude=True)] = None
 
@@ -212,6 +214,7 @@ _INT_FIELDS = frozenset(
         "local_node_count",
         "output_reservation_default",
         "max_body_bytes",
+        "max_response_bytes",
     }
 )
 

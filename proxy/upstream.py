@@ -101,6 +101,8 @@ class Upstream:
     def __init__(self, name: str, cfg: MockUpstream | HttpUpstream) -> None:
         self.name = name
         self.stream_usage = cfg.stream_usage
+        # Non-streaming answers are read whole (usage sits at their end): bound what one costs.
+        self.max_response_bytes = cfg.max_response_bytes
         if isinstance(cfg, MockUpstream):
             from .mock import MockSettings, create_mock_app
 
@@ -219,10 +221,22 @@ class Upstream:
 
     async def read(self, response: httpx.Response) -> bytes:
         """The whole body: straight from the transport unless it needs decoding."""
+        limit = self.max_response_bytes
+        chunks: list[bytes] = []
+        size = 0
         async with self.errors():
             if "content-encoding" in response.headers:
-                return await response.aread()
-            return b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
+                source = response.aiter_bytes()
+            else:
+                source = response.stream  # type: ignore[assignment]
+            async for chunk in source:  # type: ignore[union-attr]
+                size += len(chunk)
+                if size > limit:
+                    raise UpstreamUnreachable(
+                        f"The upstream {self.name!r} sent a response larger than {limit} bytes."
+                    )
+                chunks.append(chunk)
+        return b"".join(chunks)
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -282,3 +282,15 @@ async def test_upstream_request_id_is_renamed_not_duplicated(make_client) -> Non
     )
     assert r.headers.get_list("x-request-id") == ["mine-7"]
     assert r.headers["x-upstream-request-id"] == "up-1"
+
+
+@respx.mock
+async def test_non_streaming_answer_over_the_bound_is_502_and_refunded(make_client) -> None:
+    big = b'{"pad": "' + b"x" * 5000 + b'"}'
+    respx.post(f"{UP}/chat/completions").mock(return_value=httpx.Response(200, content=big))
+    cfg = http_config()
+    up = cfg.upstreams["up"].model_copy(update={"max_response_bytes": 4096})
+    c = make_client(cfg.model_copy(update={"upstreams": {"up": up}}))
+    r = await c.post("/v1/chat/completions", json=chat(), headers=auth())
+    assert r.status_code == 502 and "larger than 4096 bytes" in r.json()["error"]["message"]
+    assert await usage(c) == (1, 0, 0)
