@@ -226,7 +226,7 @@ class Node:
         finally:
             await resp.aclose()
             await self.settle(admission, actual)
-        headers = response_headers(resp.headers)
+        headers = response_headers(resp.headers, resp.status_code)
         headers.update(admission.headers())
         return Response(content, resp.status_code, headers)
 
@@ -253,7 +253,7 @@ class Node:
                 actual = (1, input_tokens, p.output_reservation if out is None else out)
             await self.settle(admission, actual)
 
-        headers = response_headers(resp.headers)
+        headers = response_headers(resp.headers, resp.status_code)
         headers.update(admission.headers())
         headers["cache-control"] = "no-cache"
         headers["x-accel-buffering"] = "no"
@@ -278,7 +278,7 @@ class Node:
             secret=_client_key(request),
         )
         resp = await _timed_send(upstream, req)
-        headers = response_headers(resp.headers)
+        headers = response_headers(resp.headers, resp.status_code)
         headers.update(admission.headers())
         if resp.status_code >= 400:
             # Error bodies are small and may echo request headers: read whole, redacted.

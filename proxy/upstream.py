@@ -81,12 +81,18 @@ def query_without(query: bytes, secret: str) -> bytes:
     return query if len(kept) == len(pairs) else urlencode(kept).encode()
 
 
-def response_headers(headers: httpx.Headers) -> dict[str, str]:
-    """The upstream's headers for the client, minus framing and the upstream's own rate limits."""
+def response_headers(headers: httpx.Headers, status: int = 200) -> dict[str, str]:
+    """The upstream's headers for the client, minus framing and the upstream's own rate limits.
+
+    Its retry hint is kept only when the upstream itself refused (429 / 503): then it is the
+    one the client must wait for."""
+    keep_retry = status in (429, 503)
     out: dict[str, str] = {}
     for k, v in headers.multi_items():
         lk = k.lower()
-        if lk in _DROP_RESPONSE or lk.startswith("x-ratelimit-") or lk == "retry-after":
+        if lk in _DROP_RESPONSE or lk.startswith("x-ratelimit-"):
+            continue
+        if lk in ("retry-after", "retry-after-ms") and not keep_retry:
             continue
         if lk == "x-request-id":
             # The proxy's own request id takes this name; the upstream's keeps its value.

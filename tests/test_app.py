@@ -294,3 +294,16 @@ async def test_non_streaming_answer_over_the_bound_is_502_and_refunded(make_clie
     r = await c.post("/v1/chat/completions", json=chat(), headers=auth())
     assert r.status_code == 502 and "larger than 4096 bytes" in r.json()["error"]["message"]
     assert await usage(c) == (1, 0, 0)
+
+
+@respx.mock
+@pytest.mark.parametrize(("status", "kept"), [(429, True), (503, True), (200, False)])
+async def test_upstream_retry_hint_kept_only_on_its_own_refusal(make_client, status, kept) -> None:
+    body = completion_body() if status == 200 else {"error": {"message": "slow down"}}
+    respx.post(f"{UP}/chat/completions").mock(
+        return_value=httpx.Response(status, json=body, headers={"retry-after": "7"})
+    )
+    c = make_client(http_config())
+    r = await c.post("/v1/chat/completions", json=chat(), headers=auth())
+    assert r.status_code == status
+    assert (r.headers.get("retry-after") == "7") is kept

@@ -125,3 +125,19 @@ async def test_fail_closed_is_503_through_the_app(make_client) -> None:
     )
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "rate_limiter_unavailable"
+
+
+async def test_reconcile_skips_a_store_marked_down() -> None:
+    primary = Flaky()
+    fb = FailoverBackend(primary, "fail_closed", backoff_s=(10, 10))
+    d = await fb.reserve([SCOPE], (1, 5, 5), "r1")
+    assert d.reservation is not None
+    primary.up = False
+    with pytest.raises(BackendUnavailable):
+        await fb.reserve([SCOPE], (1, 1, 1), "r2")
+    calls = primary.calls
+    await fb.reconcile(d.reservation, (1, 1, 1))  # returns at once, without a call
+    assert primary.calls == calls
+    primary.up = True
+    assert (await primary.peek([SCOPE]))[0].used == (1, 5, 5)  # kept as reserved
+    await fb.aclose()

@@ -105,11 +105,13 @@ class FailoverBackend(Backend):
         if reservation.id.startswith(_LOCAL):
             await self.local.reconcile(reservation, actual)
             return
+        # While the store is down the entry stays as reserved and expires with its window
+        # (never under-charged beyond this one request), and nothing waits on a dead store.
+        if not self.healthy:
+            return
         try:
             await self.primary.reconcile(reservation, actual)
         except BackendUnavailable as exc:
-            # The entry stays as reserved and expires with its window: never under-charged
-            # beyond this one request, and nothing waits on a dead store.
             self._down(exc, "reconcile")
 
     async def peek(self, scopes: Sequence[Scope]) -> tuple[ScopeState, ...]:
