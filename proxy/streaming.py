@@ -17,7 +17,7 @@ import anyio
 import httpx
 import orjson
 
-from .sse import EventSplitter, event_data, has_usage, is_done, usage_of
+from .sse import EventSplitter, choice_text, event_data, has_usage, is_done, usage_of
 from .tokens import LARGE_TEXT_CHARS
 
 log = logging.getLogger("proxy.stream")
@@ -373,32 +373,4 @@ def _collect(ev: bytes, texts: dict[int, list[str]]) -> None:
         if not isinstance(index, int):
             index = 0
         parts = texts.setdefault(index, [])
-        _choice_text(choice, parts)
-
-
-def _choice_text(choice: dict[str, Any], out: list[str]) -> None:
-    """Chat deltas (content, reasoning, refusal, tool-call names and arguments) or text."""
-    text = choice.get("text")
-    if isinstance(text, str):
-        out.append(text)
-    delta = choice.get("delta")
-    if not isinstance(delta, dict):
-        return
-    for key in ("content", "reasoning_content", "reasoning", "refusal"):
-        value = delta.get(key)
-        if isinstance(value, str):
-            out.append(value)
-    calls = delta.get("tool_calls")
-    if isinstance(calls, list):
-        for call in calls:
-            if isinstance(call, dict):
-                _function_text(call.get("function"), out)
-    _function_text(delta.get("function_call"), out)
-
-
-def _function_text(function: Any, out: list[str]) -> None:
-    if isinstance(function, dict):
-        for key in ("name", "arguments"):
-            value = function.get(key)
-            if isinstance(value, str):
-                out.append(value)
+        choice_text(choice, parts)

