@@ -123,7 +123,8 @@ class Child:
             time.sleep(0.05)
         raise RuntimeError(f"{self.name} not ready after {timeout:g} s:\n{self.output()[-3000:]}")
 
-    def stop(self, timeout: float = 10.0) -> int | None:
+    def stop(self, timeout: float = 10.0, keep_log: bool = False) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; ``keep_log``: ``output()`` stays readable."""
         if self.alive():
             self.popen.send_signal(signal.SIGTERM)
             try:
@@ -132,8 +133,9 @@ class Child:
                 self.popen.kill()
                 self.popen.wait(5)
         self.log.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.log.name)
+        if not keep_log:
+            with contextlib.suppress(OSError):
+                os.unlink(self.log.name)
         return self.popen.returncode
 
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import yaml
+
+from loadtest.procs import Child
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,53 +20,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Proc:
-    """A child process we started, with its output in a file and a stop() by PID."""
+class Proc(Child):
+    """A child process of a test: like the load tools' ``Child``, but its output stays
+    readable after ``stop()`` (tests scan whole logs)."""
 
     def __init__(self, args: list[str], url: str, env: dict[str, str] | None = None) -> None:
-        self.args = args
-        self.url = url
-        self.log = tempfile.NamedTemporaryFile(prefix="proc-", suffix=".log", delete=False)  # noqa: SIM115 - lives as long as the process
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.popen = subprocess.Popen(
-            args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=full_env
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
+        super().__init__("proc", args, url, env)
 
     def wait_ready(self, path: str = "/healthz", timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.args} exited early:\n{self.output()}")
-            try:
-                r = httpx.get(self.url + path, timeout=1.0)
-                if r.status_code < 500:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.args} not ready after {timeout}s:\n{self.output()}")
+        self.wait_http(path, timeout)
 
     def signal(self, sig: int) -> None:
-        if self.popen.poll() is None:
-            os.kill(self.popen.pid, sig)
+        if self.alive():
+            os.kill(self.pid, sig)
 
-    def stop(self, timeout: float = 10.0) -> int | None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        self.log.close()
-        return self.popen.returncode
+    def stop(self, timeout: float = 10.0, keep_log: bool = True) -> int | None:
+        return super().stop(timeout, keep_log)
 
 
 def start_mock(*extra: str, log_path: str | None = None, port: int | None = None) -> Proc:

