@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import openai
@@ -93,11 +92,10 @@ def test_429_is_read_by_client_retry_logic(stack) -> None:
     assert 0 < wait_ms <= 3000
     assert int(err.response.headers["retry-after"]) == -(-wait_ms // 1000)
     # With retries on, the client waits what retry-after-ms says and then gets through.
-    t0 = time.monotonic()
     r = client(proxy, SLOW_KEY, retries=3).chat.completions.create(
         model="m", messages=[{"role": "user", "content": "x"}], max_tokens=1
     )
-    assert r.choices and time.monotonic() - t0 > 0
+    assert r.choices
 
 
 def test_401_and_bad_input(stack) -> None:
