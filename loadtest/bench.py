@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import html
 import math
+import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -282,6 +284,24 @@ def ratios(rows: list[Row]) -> list[str]:
     return out
 
 
+def round_trip_ms(port: int, n: int = 3000) -> tuple[float, float]:
+    """p50 and p99 of one PING at a time to Redis over a bare socket, from this process: what
+    one loopback round trip to another process costs here, the least that a Redis-backed
+    decision can add to a request at concurrency 1."""
+    times = []
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            sock.sendall(b"PING\r\n")
+            reply = sock.recv(64)
+            times.append(time.perf_counter() - t0)
+            if reply != b"+PONG\r\n":
+                raise RuntimeError(f"unexpected reply to PING: {reply!r}")
+    q = statistics.quantiles(times[n // 10 :], n=100)  # the first tenth warms up
+    return 1000 * q[49], 1000 * q[98]
+
+
 def redis_lines(rows: list[Row]) -> list[str]:
     out = []
     for r in rows:
@@ -345,6 +365,7 @@ def run(plan: Plan, out: Path, variants: tuple[Variant, ...], exactness: bool) -
         try:
             redis = Redis()
             children.append(redis)
+            rtt = round_trip_ms(redis.port)
             mock = start_mock()
             children.append(mock)
             for v in variants:
@@ -364,6 +385,8 @@ def run(plan: Plan, out: Path, variants: tuple[Variant, ...], exactness: bool) -
         "",
         *ratios(rows),
         *redis_lines(rows),
+        f"one loopback round trip to Redis (a bare PING at a time from the bench process): "
+        f"p50 {rtt[0]:.3f} ms, p99 {rtt[1]:.3f} ms",
     ]
     n429, other = refusals(rows)
     lines.append(

@@ -81,13 +81,13 @@ def format_duration(ms: int) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
-_HEADER_NAMES = {
-    REQUESTS: "requests",
-    INPUT_TOKENS: "input-tokens",
-    OUTPUT_TOKENS: "output-tokens",
-}
 _UNIT = {REQUESTS: "requests", INPUT_TOKENS: "input tokens", OUTPUT_TOKENS: "output tokens"}
 _SHORT = {REQUESTS: "RPM", INPUT_TOKENS: "input TPM", OUTPUT_TOKENS: "output TPM"}
+# (limit, remaining, reset) header names per dimension, then for -tokens; built once.
+_NAMES = tuple(
+    (f"x-ratelimit-limit-{n}", f"x-ratelimit-remaining-{n}", f"x-ratelimit-reset-{n}")
+    for n in ("requests", "input-tokens", "output-tokens", "tokens")
+)
 
 
 def ratelimit_headers(
@@ -99,28 +99,35 @@ def ratelimit_headers(
     clients know only one token budget. ``adjust`` is added to usage (e.g. actual - reserved
     after settlement, so the headers reflect what was really charged).
     """
-    headers: dict[str, str] = {}
-    best: dict[int, tuple[int, int, int]] = {}  # dim -> (remaining, limit, reset_ms)
+    # Built on every answer, so written for speed: no per-call dicts or name formatting.
+    best: list[tuple[int, int, int] | None] = [None, None, None]  # (remaining, limit, reset)
     for scope, state in zip(scopes, states, strict=True):
+        limits, used = scope.limits, state.used
         for d in (REQUESTS, INPUT_TOKENS, OUTPUT_TOKENS):
-            limit = scope.limits[d]
+            limit = limits[d]
             if limit == UNLIMITED:
                 continue
-            remaining = max(0, limit - state.used[d] - adjust[d])
-            cur = best.get(d)
+            remaining = limit - used[d] - adjust[d]
+            if remaining < 0:
+                remaining = 0
+            cur = best[d]
             if cur is None or remaining < cur[0]:
                 best[d] = (remaining, limit, state.reset_ms)
-    for d, (remaining, limit, reset_ms) in best.items():
-        name = _HEADER_NAMES[d]
-        headers[f"x-ratelimit-limit-{name}"] = str(limit)
-        headers[f"x-ratelimit-remaining-{name}"] = str(remaining)
-        headers[f"x-ratelimit-reset-{name}"] = format_duration(reset_ms)
-    token_dims = [best[d] for d in (INPUT_TOKENS, OUTPUT_TOKENS) if d in best]
-    if token_dims:
-        remaining, limit, reset_ms = min(token_dims)
-        headers["x-ratelimit-limit-tokens"] = str(limit)
-        headers["x-ratelimit-remaining-tokens"] = str(remaining)
-        headers["x-ratelimit-reset-tokens"] = format_duration(reset_ms)
+    headers: dict[str, str] = {}
+    for d in (REQUESTS, INPUT_TOKENS, OUTPUT_TOKENS):
+        b = best[d]
+        if b is not None:
+            limit_name, remaining_name, reset_name = _NAMES[d]
+            headers[limit_name] = str(b[1])
+            headers[remaining_name] = str(b[0])
+            headers[reset_name] = format_duration(b[2])
+    inp, out = best[INPUT_TOKENS], best[OUTPUT_TOKENS]
+    tokens = inp if out is None else out if inp is None else min(inp, out)
+    if tokens is not None:
+        limit_name, remaining_name, reset_name = _NAMES[3]
+        headers[limit_name] = str(tokens[1])
+        headers[remaining_name] = str(tokens[0])
+        headers[reset_name] = format_duration(tokens[2])
     return headers
 
 

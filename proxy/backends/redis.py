@@ -12,7 +12,7 @@ import hashlib
 import site
 import sys
 import sysconfig
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +28,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from .base import Backend, BackendUnavailable, Decision, Reservation, Scope, ScopeState, Triple
+from .pipelining import Pipeliner
 
 
 def _scripts_dir() -> Path:
@@ -146,14 +147,17 @@ def _client_from_settings(s: RedisSettings) -> tuple[Any, list[Any]]:
         cluster = RedisCluster.from_url(s.url, **common)
         cluster.commands_parser = _FewCommands()
         return cluster, []
+    # Every call is bounded by RedisBackend's own timeout; redis-py's per-read timeout on top
+    # would cost a timer (and, for writes, a task) per command.
+    data = {**common, "socket_timeout": None}
     if s.sentinels:
         conn = parse_url(s.url)
         kwargs = {k: v for k, v in conn.items() if k in ("db", "username", "password")}
         if conn.get("connection_class") is SSLConnection:
             kwargs["ssl"] = True
-        sentinel = Sentinel(list(s.sentinels), sentinel_kwargs=dict(common), **common)
+        sentinel = Sentinel(list(s.sentinels), sentinel_kwargs=dict(common), **data)
         return sentinel.master_for(s.service_name, **kwargs), list(sentinel.sentinels)
-    return aioredis.Redis.from_url(s.url, **common), []
+    return aioredis.Redis.from_url(s.url, **data), []
 
 
 class RedisBackend(Backend):
@@ -182,6 +186,14 @@ class RedisBackend(Backend):
         self._reserve = _Script("reserve")
         self._reconcile = _Script("reconcile")
         self._peek = _Script("peek")
+        # The cluster client routes each call by its keys; the others share one pool, where
+        # the calls of one loop turn go out as one pipeline.
+        self._pipeliner = None if cluster else Pipeliner(client.connection_pool, timeout_ms / 1000)
+
+    def _evalsha(self, *args: Any) -> Awaitable[Any]:
+        if self._pipeliner is None:
+            return self._client.evalsha(*args)
+        return self._pipeliner.call("EVALSHA", *args)
 
     @classmethod
     def from_settings(
@@ -214,15 +226,20 @@ class RedisBackend(Backend):
             raise BackendUnavailable(f"redis {what}: {type(exc).__name__}: {exc}") from exc
 
     async def _run(self, script: _Script, keys: list[str], args: list[int | str]) -> list[int]:
-        evalsha = self._client.evalsha
-        async with self._guard(script.name):
-            try:
-                result = await evalsha(script.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                # Restarted or flushed server: load once, retry once.
-                await self._client.script_load(script.body)
-                result = await evalsha(script.sha, len(keys), *keys, *args)
-        return result
+        # The hot path: written out rather than through _guard, a context manager per call.
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                if self._cluster:
+                    async with self._init_lock:  # see _guard
+                        await self._client.initialize()
+                try:
+                    return await self._evalsha(script.sha, len(keys), *keys, *args)
+                except NoScriptError:
+                    # Restarted or flushed server: load once, retry once.
+                    await self._client.script_load(script.body)
+                    return await self._evalsha(script.sha, len(keys), *keys, *args)
+        except _FAILURES as exc:
+            raise BackendUnavailable(f"redis {script.name}: {type(exc).__name__}: {exc}") from exc
 
     def _now_arg(self) -> int:
         return self._clock() if self._clock is not None else _TIME
@@ -282,6 +299,8 @@ class RedisBackend(Backend):
             return False
 
     async def aclose(self) -> None:
+        if self._pipeliner is not None:
+            await self._pipeliner.aclose()
         for client in (self._client, *self._also_close):
             # Closing the client of a dead server must not fail the shutdown.
             with contextlib.suppress(*_FAILURES):

@@ -1,0 +1,98 @@
+"""Commands issued in one turn of the event loop go to Redis together: one write, one connection.
+
+Under load many requests reach their limiter call in the same turn. Sent one by one, each pays
+the client's per-call machinery, a write and a wake-up of its own; sent as one pipeline (not a
+transaction: every script is atomic by itself, and order between them is Redis's to choose
+anyway), they share them. A lone call, as at concurrency 1, goes out one loop turn later than it
+would have alone. Packing and parsing stay redis-py's and hiredis's; only the grouping is here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import hiredis
+from redis.asyncio.connection import ConnectionPool
+from redis.exceptions import ResponseError
+
+MAX_BATCH = 128  # commands per write; more wait for the next turn
+
+
+class Pipeliner:
+    """``await pipeliner.call(*args)``: one command's reply, or its error reply raised.
+
+    Errors of the connection fail every command of its batch; callers bound their own wait, and
+    a batch is bounded by ``timeout_s`` so a stalled connection is dropped, not held.
+    """
+
+    def __init__(self, pool: ConnectionPool, timeout_s: float) -> None:
+        self._pool = pool
+        self._timeout_s = timeout_s
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._flushing: set[asyncio.Task[None]] = set()  # strong references until done
+        self._scheduled = False
+
+    def call(self, *args: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((args, fut))
+        if not self._scheduled:
+            # The task's first step runs in the next turn, after everything that is ready in
+            # this one has had its chance to queue a command.
+            self._scheduled = True
+            task = loop.create_task(self._flush())
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+        return fut
+
+    async def _flush(self) -> None:
+        self._scheduled = False
+        batch = [item for item in self._queue[:MAX_BATCH] if not item[1].done()]
+        del self._queue[:MAX_BATCH]
+        if self._queue:
+            self._scheduled = True
+            task = asyncio.get_running_loop().create_task(self._flush())
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+        if not batch:
+            return
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._send(batch)
+        except asyncio.CancelledError:
+            for _, fut in batch:
+                fut.cancel()
+            raise
+        except BaseException as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(ConnectionError(f"{type(exc).__name__}: {exc}"))
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        conn = await self._pool.get_connection()
+        try:
+            # redis-py's own packer for the asyncio client is pure Python and was the largest
+            # part of a call; hiredis packs the same bytes.
+            packed = b"".join([hiredis.pack_command(args) for args, _ in batch])
+            await conn.send_packed_command(packed, check_health=False)
+            for _, fut in batch:
+                try:
+                    reply = await conn.read_response()
+                except ResponseError as exc:  # one command's error reply; the rest still come
+                    if not fut.done():
+                        fut.set_exception(exc)
+                    continue
+                if not fut.done():
+                    fut.set_result(reply)
+        finally:
+            # A connection that failed mid-batch was disconnected by redis-py; the pool
+            # reconnects it when it is next taken out.
+            await self._pool.release(conn)
+
+    async def aclose(self) -> None:
+        for task in list(self._flushing):
+            task.cancel()
+        for _, fut in self._queue:
+            fut.cancel()
+        self._queue.clear()
