@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import html
 import math
-import socket
-import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,10 +156,15 @@ def run_variant(
             # few throughput runs is the one least disturbed.
             for _ in range(plan.repeat if name == "throughput" else 1):
                 before = tree_cpu_s(serving)
+                d0 = decision_totals(urls[0]) if v.backend and v.nodes == 1 else None
                 s = summarize(
                     run_load_sync(_load(plan, urls, v.stream, label=f"{v.title}: {name}", **kw))
                 )
                 after = tree_cpu_s(serving)
+                d1 = decision_totals(urls[0]) if d0 is not None else None
+                if d0 is not None and d1 is not None and d1[1] > d0[1]:
+                    # The node's own time per decision (its reserve call), as it saw it.
+                    s["decision_us"] = 1e6 * (d1[0] - d0[0]) / (d1[1] - d0[1])
                 if before is not None and after is not None and s["totals"]["ok"]:
                     # CPU of the system under test per request: robust to a busy machine.
                     s["server_cpu_us"] = 1e6 * (after - before) / int(s["totals"]["ok"])
@@ -284,22 +288,19 @@ def ratios(rows: list[Row]) -> list[str]:
     return out
 
 
-def round_trip_ms(port: int, n: int = 3000) -> tuple[float, float]:
-    """p50 and p99 of one PING at a time to Redis over a bare socket, from this process: what
-    one loopback round trip to another process costs here, the least that a Redis-backed
-    decision can add to a request at concurrency 1."""
-    times = []
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for _ in range(n):
-            t0 = time.perf_counter()
-            sock.sendall(b"PING\r\n")
-            reply = sock.recv(64)
-            times.append(time.perf_counter() - t0)
-            if reply != b"+PONG\r\n":
-                raise RuntimeError(f"unexpected reply to PING: {reply!r}")
-    q = statistics.quantiles(times[n // 10 :], n=100)  # the first tenth warms up
-    return 1000 * q[49], 1000 * q[98]
+def decision_totals(url: str) -> tuple[float, float] | None:
+    """(sum s, count) of the node's own limiter decision histogram, or None."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    found = {}
+    for line in text.splitlines():
+        for part in ("sum", "count"):
+            if line.startswith(f"proxy_limiter_decision_seconds_{part} "):
+                found[part] = float(line.split()[1])
+    return (found["sum"], found["count"]) if len(found) == 2 else None
 
 
 def redis_lines(rows: list[Row]) -> list[str]:
@@ -320,6 +321,20 @@ def redis_lines(rows: list[Row]) -> list[str]:
             f"-> ~{_f(proc_rps)} req/s per core"
         )
     return out
+
+
+def decision_lines(rows: list[Row]) -> list[str]:
+    parts = []
+    for r in rows:
+        us = r.get("single", "decision_us")
+        if us is not None and r.variant.backend != "none":
+            parts.append(f"{r.variant.tag} {us:.0f} us")
+    if not parts:
+        return []
+    return [
+        "limiter decision at c=1, mean of the node's own proxy_limiter_decision_seconds: "
+        + ", ".join(parts)
+    ]
 
 
 def refusals(rows: list[Row]) -> tuple[int, int]:
@@ -365,7 +380,6 @@ def run(plan: Plan, out: Path, variants: tuple[Variant, ...], exactness: bool) -
         try:
             redis = Redis()
             children.append(redis)
-            rtt = round_trip_ms(redis.port)
             mock = start_mock()
             children.append(mock)
             for v in variants:
@@ -385,8 +399,7 @@ def run(plan: Plan, out: Path, variants: tuple[Variant, ...], exactness: bool) -
         "",
         *ratios(rows),
         *redis_lines(rows),
-        f"one loopback round trip to Redis (a bare PING at a time from the bench process): "
-        f"p50 {rtt[0]:.3f} ms, p99 {rtt[1]:.3f} ms",
+        *decision_lines(rows),
     ]
     n429, other = refusals(rows)
     lines.append(

@@ -32,7 +32,7 @@ def test_a_short_bench_writes_its_table_and_reports(tmp_path: Path) -> None:
         "throughput 4/2 = ",  # the limiter's cost
         "throughput 4/1 = ",
         "script time",  # from Redis's INFO commandstats
-        "one loopback round trip to Redis",
+        "limiter decision at c=1",
         "429s: 0",
     ):
         assert expected in text, f"{expected!r} missing from:\n{text[-3000:]}"
