@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import shutil
@@ -26,6 +27,23 @@ def _loop() -> str:
     return "auto"  # uvloop when installed
 
 
+GC_THRESHOLD = (10_000, 10, 10)  # the first generation only is larger than Python's (700, 10, 10)
+
+
+def tune_gc() -> None:
+    """Move everything loaded so far out of the collector's sight, and collect the youngest
+    objects less often.
+
+    A request allocates a few hundred tracked objects, so with Python's defaults the collector
+    ran several times a second and, each time enough objects had survived, walked the whole
+    heap (modules, configuration, tokenizer): about 20 us per request under load and a full
+    collection of 15-20 ms now and then, which was most of p99 at 32 concurrent requests.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 def app_factory():  # called by uvicorn in every worker
     from .accesslog import setup_logging
     from .app import create_app
@@ -36,7 +54,9 @@ def app_factory():  # called by uvicorn in every worker
     path = os.environ[_CONFIG_ENV]
     cfg = load_config(path)
     setup_logging(cfg.logging)
-    return create_app(cfg, config_path=path)
+    app = create_app(cfg, config_path=path)
+    tune_gc()
+    return app
 
 
 def _serve_workers(workers: int, options: dict) -> int:
