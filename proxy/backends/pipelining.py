@@ -15,6 +15,7 @@ from typing import Any
 import hiredis
 from redis.asyncio.connection import ConnectionPool
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 MAX_BATCH = 128  # commands per write; more wait for the next turn
 
@@ -22,8 +23,9 @@ MAX_BATCH = 128  # commands per write; more wait for the next turn
 class Pipeliner:
     """``await pipeliner.call(*args)``: one command's reply, or its error reply raised.
 
-    Errors of the connection fail every command of its batch; callers bound their own wait, and
-    a batch is bounded by ``timeout_s`` so a stalled connection is dropped, not held.
+    A batch is bounded by ``timeout_s``, connect included (then its connection is dropped, not
+    held); a timeout fails each of its commands with ``TimeoutError``, any other failure of the
+    connection with ``ConnectionError``.
     """
 
     def __init__(self, pool: ConnectionPool, timeout_s: float) -> None:
@@ -65,9 +67,14 @@ class Pipeliner:
                 fut.cancel()
             raise
         except BaseException as exc:
+            # A fresh exception per caller (each gets its own traceback), of the same kind.
+            if isinstance(exc, TimeoutError | RedisTimeoutError):
+                kind, text = TimeoutError, f"no reply from Redis within {self._timeout_s:g} s"
+            else:
+                kind, text = ConnectionError, f"{type(exc).__name__}: {exc}"
             for _, fut in batch:
                 if not fut.done():
-                    fut.set_exception(ConnectionError(f"{type(exc).__name__}: {exc}"))
+                    fut.set_exception(kind(text))
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         conn = await self._pool.get_connection()

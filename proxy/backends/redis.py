@@ -12,7 +12,7 @@ import hashlib
 import site
 import sys
 import sysconfig
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -190,11 +190,6 @@ class RedisBackend(Backend):
         # the calls of one loop turn go out as one pipeline.
         self._pipeliner = None if cluster else Pipeliner(client.connection_pool, timeout_ms / 1000)
 
-    def _evalsha(self, *args: Any) -> Awaitable[Any]:
-        if self._pipeliner is None:
-            return self._client.evalsha(*args)
-        return self._pipeliner.call("EVALSHA", *args)
-
     @classmethod
     def from_settings(
         cls, settings: RedisSettings, clock: Callable[[], int] | None = None
@@ -228,16 +223,24 @@ class RedisBackend(Backend):
     async def _run(self, script: _Script, keys: list[str], args: list[int | str]) -> list[int]:
         # The hot path: written out rather than through _guard, a context manager per call.
         try:
-            async with asyncio.timeout(self._timeout_s):
-                if self._cluster:
-                    async with self._init_lock:  # see _guard
-                        await self._client.initialize()
+            if self._pipeliner is not None:
+                # Bounded by its batch's own timeout (connect included): no second timer.
+                call = self._pipeliner.call
                 try:
-                    return await self._evalsha(script.sha, len(keys), *keys, *args)
+                    return await call("EVALSHA", script.sha, len(keys), *keys, *args)
                 except NoScriptError:
                     # Restarted or flushed server: load once, retry once.
+                    async with asyncio.timeout(self._timeout_s):
+                        await self._client.script_load(script.body)
+                    return await call("EVALSHA", script.sha, len(keys), *keys, *args)
+            async with asyncio.timeout(self._timeout_s):
+                async with self._init_lock:  # see _guard
+                    await self._client.initialize()
+                try:
+                    return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+                except NoScriptError:
                     await self._client.script_load(script.body)
-                    return await self._evalsha(script.sha, len(keys), *keys, *args)
+                    return await self._client.evalsha(script.sha, len(keys), *keys, *args)
         except _FAILURES as exc:
             raise BackendUnavailable(f"redis {script.name}: {type(exc).__name__}: {exc}") from exc
 
