@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import http.client
 import math
 import sys
 import tempfile
@@ -155,8 +156,9 @@ def run_variant(
             # On a shared machine another process can take a core for a while: the best of a
             # few throughput runs is the one least disturbed.
             for _ in range(plan.repeat if name == "throughput" else 1):
-                before = tree_cpu_s(serving)
+                # Scraped outside the CPU measurement: rendering /metrics is not a request's.
                 d0 = decision_totals(urls[0]) if v.backend and v.nodes == 1 else None
+                before = tree_cpu_s(serving)
                 s = summarize(
                     run_load_sync(_load(plan, urls, v.stream, label=f"{v.title}: {name}", **kw))
                 )
@@ -293,9 +295,9 @@ def decision_totals(url: str) -> tuple[float, float] | None:
     try:
         with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
             text = resp.read().decode()
-    except OSError:
+    except (OSError, ValueError, http.client.HTTPException):
         return None
-    found = {}
+    found: dict[str, float] = {}
     for line in text.splitlines():
         for part in ("sum", "count"):
             if line.startswith(f"proxy_limiter_decision_seconds_{part} "):

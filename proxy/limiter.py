@@ -83,11 +83,13 @@ def format_duration(ms: int) -> str:
 
 _UNIT = {REQUESTS: "requests", INPUT_TOKENS: "input tokens", OUTPUT_TOKENS: "output tokens"}
 _SHORT = {REQUESTS: "RPM", INPUT_TOKENS: "input TPM", OUTPUT_TOKENS: "output TPM"}
-# (limit, remaining, reset) header names per dimension, then for -tokens; built once.
+# (limit, remaining, reset) header names per dimension, indexed like REQUESTS, INPUT_TOKENS,
+# OUTPUT_TOKENS (0, 1, 2), then for -tokens at 3; built once.
 _NAMES = tuple(
     (f"x-ratelimit-limit-{n}", f"x-ratelimit-remaining-{n}", f"x-ratelimit-reset-{n}")
     for n in ("requests", "input-tokens", "output-tokens", "tokens")
 )
+_TOKENS = 3
 
 
 def ratelimit_headers(
@@ -124,7 +126,7 @@ def ratelimit_headers(
     inp, out = best[INPUT_TOKENS], best[OUTPUT_TOKENS]
     tokens = inp if out is None else out if inp is None else min(inp, out)
     if tokens is not None:
-        limit_name, remaining_name, reset_name = _NAMES[3]
+        limit_name, remaining_name, reset_name = _NAMES[_TOKENS]
         headers[limit_name] = str(tokens[1])
         headers[remaining_name] = str(tokens[0])
         headers[reset_name] = format_duration(tokens[2])

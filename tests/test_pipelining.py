@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import hiredis
 import pytest
 import redis.asyncio as aioredis
 
@@ -36,7 +37,7 @@ class Stats:
 
 @pytest.fixture
 async def pool(redis_server: RedisServer) -> AsyncIterator[aioredis.ConnectionPool]:
-    client = aioredis.Redis.from_url(redis_server.url)
+    client = aioredis.Redis.from_url(redis_server.url, protocol=2)  # as the backend has it
     yield client.connection_pool
     await client.aclose()
 
@@ -85,25 +86,66 @@ async def test_a_call_given_up_before_its_turn_is_not_sent(redis_server, pool) -
 
 
 async def test_a_stalled_server_fails_the_batch_within_the_timeout() -> None:
-    # A server that accepts and reads but never answers.
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await reader.read(65536):
-            pass
+    """A server that completes the connection handshake, then reads the batch and never
+    answers it."""
+    seen: list[bytes] = []
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = hiredis.Reader()
+        while data := await reader.read(65536):
+            parser.feed(data)
+            while (command := parser.gets()) is not False:
+                seen.append(command[0].upper())
+                if command[0].upper() != b"PING":
+                    writer.write(b"+OK\r\n")  # CLIENT SETINFO and the like
         writer.close()
 
-    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    server = await asyncio.start_server(stall, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    client = aioredis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+    client = aioredis.Redis(host="127.0.0.1", port=port, protocol=2, socket_connect_timeout=1)
     try:
-        p = Pipeliner(client.connection_pool, timeout_s=0.2)
+        p = Pipeliner(client.connection_pool, timeout_s=0.3)
         t0 = time.monotonic()
         results = await asyncio.gather(*(p.call("PING") for _ in range(3)), return_exceptions=True)
         assert time.monotonic() - t0 < 2
         assert all(isinstance(r, TimeoutError) for r in results), results
+        assert seen.count(b"PING") == 3  # the batch was written: it is its reply that never came
     finally:
         await client.aclose()
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.redis
+async def test_a_reply_that_comes_after_the_timeout_never_reaches_a_later_call(pool) -> None:
+    p = Pipeliner(pool, timeout_s=0.2)
+    key = f"pipelining-empty-{time.monotonic_ns()}"
+    with pytest.raises(TimeoutError):
+        await p.call("BLPOP", key, "0.6")  # Redis answers nil after 0.6 s
+    await asyncio.sleep(0.8)  # the late reply would be waiting on that connection by now
+    assert await asyncio.gather(p.call("ECHO", "a"), p.call("ECHO", "b")) == [b"a", b"b"]
+
+
+@pytest.mark.redis
+async def test_a_caller_that_leaves_after_the_write_leaves_the_others_in_step(pool) -> None:
+    p = Pipeliner(pool, timeout_s=5)
+    key = f"pipelining-empty-{time.monotonic_ns()}"
+    slow, after = p.call("BLPOP", key, "0.3"), p.call("ECHO", "b")
+    await asyncio.sleep(0.1)  # the batch is written and waiting for BLPOP's reply
+    slow.cancel()
+    assert await after == b"b"
+    assert await p.call("ECHO", "c") == b"c"
+
+
+@pytest.mark.redis
+async def test_after_close_calls_fail_at_once(pool) -> None:
+    p = Pipeliner(pool, timeout_s=5)
+    queued = p.call("ECHO", "never sent")
+    await p.aclose()
+    with pytest.raises(ConnectionError):
+        await queued
+    with pytest.raises(ConnectionError):
+        await p.call("ECHO", "x")
 
 
 @pytest.mark.redis
