@@ -36,8 +36,8 @@ def tune_gc() -> None:
 
     A request allocates a few hundred tracked objects, so with Python's defaults the collector
     ran several times a second and, each time enough objects had survived, walked the whole
-    heap (modules, configuration, tokenizer): about 20 us per request under load and a full
-    collection of 15-20 ms now and then, which was most of p99 at 32 concurrent requests.
+    heap (modules, configuration, tokenizer): a share of every request's CPU, and pauses that
+    were most of p99 at 32 concurrent requests (README, Performance).
     Frozen objects are never collected: a reference cycle in the start-up configuration
     outlives a hot reload that replaces it, once.
     """
