@@ -27,6 +27,10 @@ class Proc(Child):
     def __init__(self, args: list[str], url: str, env: dict[str, str] | None = None) -> None:
         super().__init__("proc", args, url, env)
 
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
     def wait_ready(self, path: str = "/healthz", timeout: float = 30.0) -> None:
         self.wait_http(path, timeout)
 

@@ -8,7 +8,8 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Self
 
 import orjson
 
@@ -187,31 +188,21 @@ STREAM_GAP_S = 0.05
 TRICKLE_PIECES, TRICKLE_GAP_S = 12, 0.15  # 1.65 s in all, no gap near a 1.5 s timeout
 
 
-class RawUpstream:
-    """A threaded TCP server that plays one fault per request, chosen by ``x-raw-fault``.
+class _Listener:
+    """A loopback TCP listener whose accept loop runs on a thread; ``_accepted`` takes each
+    connection."""
 
-    Faults: ``ok`` (a valid completion; 404 off the known paths), ``reset`` (RST after
-    reading the request), ``half-reset`` (headers and half the body, then RST),
-    ``stream-reset`` (3 SSE events, then RST), ``slow-stream`` (an event every 50 ms, up to
-    40, until the reader goes away), ``malformed`` (200 with invalid JSON), ``big`` (a 20 MiB
-    completion), ``trickle`` (the body in 12 pieces 0.15 s apart), ``stall`` (half the body,
-    then silence for 5 s), ``bad-escape-stream`` (300 KiB of events, one with an invalid JSON
-    escape, 300 KiB more), ``echo`` (401 whose body and headers echo every request header).
-    Every request is recorded in ``seen``. A reset before the request is read: ResetListener.
-    """
-
-    def __init__(self) -> None:
+    def __init__(self, backlog: int) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((HOST, 0))
-        self.sock.listen(512)
+        self.sock.listen(backlog)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{HOST}:{self.port}"
-        self.seen: list[Seen] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._accept, daemon=True)
 
-    def __enter__(self) -> RawUpstream:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -230,7 +221,31 @@ class RawUpstream:
                 continue
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            self._accepted(conn)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class RawUpstream(_Listener):
+    """A threaded TCP server that plays one fault per request, chosen by ``x-raw-fault``.
+
+    Faults: ``ok`` (a valid completion; 404 off the known paths), ``reset`` (RST after
+    reading the request), ``half-reset`` (headers and half the body, then RST),
+    ``stream-reset`` (3 SSE events, then RST), ``slow-stream`` (an event every 50 ms, up to
+    40, until the reader goes away), ``malformed`` (200 with invalid JSON), ``big`` (a 20 MiB
+    completion), ``trickle`` (the body in 12 pieces 0.15 s apart), ``stall`` (half the body,
+    then silence for 5 s), ``bad-escape-stream`` (300 KiB of events, one with an invalid JSON
+    escape, 300 KiB more), ``echo`` (401 whose body and headers echo every request header).
+    Every request is recorded in ``seen``. A reset before the request is read: ResetListener.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(backlog=512)
+        self.seen: list[Seen] = []
+
+    def _accepted(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _read_request(self, conn: socket.socket) -> Seen | None:
         buf = b""
@@ -335,44 +350,13 @@ class RawUpstream:
             conn.sendall(json_response(b'{"error": "unknown raw fault"}', 500))
 
 
-@dataclass
-class ResetListener:
+class ResetListener(_Listener):
     """Accepts and immediately resets every connection, before reading anything."""
 
-    sock: socket.socket = field(init=False)
-    port: int = field(init=False)
-    accepted: int = 0
+    def __init__(self) -> None:
+        super().__init__(backlog=64)
+        self.accepted = 0
 
-    def __post_init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind((HOST, 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def _run(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            reset(conn)
-
-    def __enter__(self) -> ResetListener:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        self._thread.join(5)
+    def _accepted(self, conn: socket.socket) -> None:
+        self.accepted += 1
+        reset(conn)

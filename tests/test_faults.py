@@ -56,10 +56,6 @@ class Stack:
     mock_log: Path
     keys: Iterator[tuple[str, str]]
 
-    @property
-    def port(self) -> int:
-        return int(self.proxy.url.rsplit(":", 1)[1])
-
 
 def _upstream(url: str) -> dict:
     return {
@@ -342,7 +338,7 @@ def test_a_20_mib_response_passes_through(stack, key) -> None:
 @pytest.mark.parametrize("close", ["fin", "rst"])
 def test_client_gone_before_sending_the_whole_body(stack, key, close) -> None:
     name, secret = key
-    s = connect(stack.port)
+    s = connect(stack.proxy.port)
     head = [("authorization", f"Bearer {secret}"), ("content-length", "5000")]
     partial = http_request(
         "POST", "/v1/chat/completions", head, b'{"model": "x', content_length=False
@@ -360,7 +356,7 @@ def test_client_gone_while_the_upstream_works(stack, key, close) -> None:
     # A non-streaming request whose client leaves: the upstream's answer still comes and is
     # charged (the upstream bills it), then dropped; the reservation does not linger.
     name, secret = key
-    s = connect(stack.port)
+    s = connect(stack.proxy.port)
     body = orjson.dumps({"model": MOCK_MODEL, "messages": PROMPT, "max_tokens": MAX_TOKENS})
     head = [("authorization", f"Bearer {secret}"), ("x-mock-fault", "delay-first-ms=500,length=5")]
     s.sendall(http_request("POST", "/v1/chat/completions", head, body))
@@ -374,7 +370,7 @@ def _open_stream(stack: Stack, secret: str, model: str, max_tokens: int, **kw) -
     body = orjson.dumps(
         {"model": model, "messages": PROMPT, "max_tokens": max_tokens, "stream": True}
     )
-    s = connect(stack.port, **kw)
+    s = connect(stack.proxy.port, **kw)
     head = [("authorization", f"Bearer {secret}")]
     if model == RAW_MODEL:
         head.append(("x-raw-fault", "slow-stream"))
@@ -414,7 +410,7 @@ def test_client_gone_mid_stream_from_a_fast_upstream_closes_it(stack, key) -> No
     body = orjson.dumps(
         {"model": MOCK_MODEL, "messages": PROMPT, "max_tokens": 300_000, "stream": True}
     )
-    s = connect(stack.port)
+    s = connect(stack.proxy.port)
     head = [("authorization", f"Bearer {secret}"), ("x-mock-fault", fault)]
     s.sendall(http_request("POST", "/v1/chat/completions", head, body))
     assert s.recv(65536).startswith(b"HTTP/1.1 200")
@@ -447,9 +443,9 @@ def test_a_client_that_does_not_read_gets_back_pressure_not_buffering(stack) -> 
 
 
 def test_hundreds_of_idle_connections_do_not_stop_service(stack) -> None:
-    idle = [connect(stack.port) for _ in range(300)]
+    idle = [connect(stack.proxy.port) for _ in range(300)]
     # And some that started a request and never finished its headers (slowloris-style).
-    partial = [connect(stack.port) for _ in range(50)]
+    partial = [connect(stack.proxy.port) for _ in range(50)]
     for s in partial:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-")
     try:

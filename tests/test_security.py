@@ -34,10 +34,6 @@ class Stack:
     proxy: Proc
     raw: RawUpstream
 
-    @property
-    def port(self) -> int:
-        return int(self.proxy.url.rsplit(":", 1)[1])
-
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
@@ -227,7 +223,7 @@ def test_no_key_or_token_ever_appears_in_the_logs(stack) -> None:
         statuses.add(send(stack, method, target, headers, body).status_code)
     # A request the HTTP parser refuses, carrying a key.
     raw_request(
-        stack.port,
+        stack.proxy.port,
         b"GET /v1/models HTTP/1.1\r\nAuthorization: Bearer "
         + CLIENT_KEY.encode()
         + b"\r\nX-A: a\x00b\r\n\r\n",

@@ -109,21 +109,15 @@ def llama_model_name() -> str:
     return MODEL_ALIAS
 
 
-@pytest.fixture(scope="session")
-def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL (without /v1) of a llama-server on a free loopback port, for the whole session."""
+def _launch(args: list[str], log_dir: Path, label: str) -> tuple[subprocess.Popen[bytes], str]:
+    """Start llama-server with ``args`` on a free loopback port until /health is ok (a port
+    taken meanwhile costs another attempt); returns the process and its base URL."""
     binary, model = _artifacts()
-    log_dir = tmp_path_factory.mktemp("llama-server")
     for attempt in range(1, START_ATTEMPTS + 1):
         port = _free_port()
         base_url = f"http://127.0.0.1:{port}"
         log_path = log_dir / f"attempt-{attempt}.log"
-        cmd = [
-            str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "-c", "4096", "-np", "4", "-t", "2", "--embeddings",
-            # The GGUF declares no pooling, and /v1/embeddings rejects pooling "none".
-            "--pooling", "mean", "--alias", MODEL_ALIAS,
-        ]  # fmt: skip
+        cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
         with log_path.open("wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -132,13 +126,23 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             _stop(proc)
             raise
         if healthy:
-            break
+            return proc, base_url
         _stop(proc)
-    else:
-        pytest.fail(
-            f"llama-server exited with {proc.returncode} before /health was ok\n"
-            f"command: {' '.join(cmd)}\n{_tail(log_path)}"
-        )
+    pytest.fail(
+        f"{label} exited with {proc.returncode} before /health was ok\n"
+        f"command: {' '.join(cmd)}\n{_tail(log_path)}"
+    )
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL (without /v1) of a llama-server on a free loopback port, for the whole session."""
+    args = [
+        "-c", "4096", "-np", "4", "-t", "2", "--embeddings",
+        # The GGUF declares no pooling, and /v1/embeddings rejects pooling "none".
+        "--pooling", "mean", "--alias", MODEL_ALIAS,
+    ]  # fmt: skip
+    proc, base_url = _launch(args, tmp_path_factory.mktemp("llama-server"), "llama-server")
     try:
         yield base_url
     finally:
@@ -239,29 +243,21 @@ KEYED_LLAMA_KEY = "sk-keyed-llama-0123456789"
 @pytest.fixture(scope="module")
 def keyed_llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of a one-slot llama-server started with --api-key KEYED_LLAMA_KEY."""
-    binary, model = _artifacts()
-    log_dir = tmp_path_factory.mktemp("keyed-llama-server")
-    for attempt in range(1, START_ATTEMPTS + 1):
-        port = _free_port()
-        base_url = f"http://127.0.0.1:{port}"
-        log_path = log_dir / f"attempt-{attempt}.log"
-        cmd = [
-            str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "-c", "512", "-np", "1", "-t", "1", "--alias", MODEL_ALIAS,
-            "--api-key", KEYED_LLAMA_KEY,
-        ]  # fmt: skip
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            healthy = _wait_healthy(proc, base_url)
-        except BaseException:
-            _stop(proc)
-            raise
-        if healthy:
-            break
-        _stop(proc)
-    else:
-        pytest.fail(f"keyed llama-server exited with {proc.returncode}\n{_tail(log_path)}")
+    args = [
+        "-c",
+        "512",
+        "-np",
+        "1",
+        "-t",
+        "1",
+        "--alias",
+        MODEL_ALIAS,
+        "--api-key",
+        KEYED_LLAMA_KEY,
+    ]
+    proc, base_url = _launch(
+        args, tmp_path_factory.mktemp("keyed-llama-server"), "keyed llama-server"
+    )
     try:
         yield base_url
     finally:
